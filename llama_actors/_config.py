@@ -1,0 +1,114 @@
+"""Config files: one or more named backends, each a boot spec, in TOML.
+
+.. code-block:: toml
+
+    [backends.chat]
+    model = "models/gemma.gguf"   # relative paths are relative to this file
+    ctx_size = 4096
+
+Errors are :class:`BootSpecError` with ``source`` set to the file and ``field`` the full
+path, such as ``backends.chat.port``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from llama_actors._boot_spec import BootSpec, boot_spec
+from llama_actors._exceptions import BootSpecError
+
+__all__ = ["Config", "load_config", "parse_config"]
+
+_BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PATH_FIELDS = ("model", "api_key_file")
+
+
+class Config(msgspec.Struct, frozen=True):
+    """A parsed config file: its path (if any) and its backends by name, in file order."""
+
+    source: str | None
+    backends: dict[str, BootSpec]
+
+    def backend(self, name: str) -> BootSpec:
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise BootSpecError(
+                f"backends.{name}",
+                name,
+                f"no such backend; the file has {', '.join(self.backends) or 'none'}",
+                source=self.source,
+            ) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise BootSpecError(
+            "", source, f"cannot read config file ({exc.strerror or exc})", source=source
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BootSpecError("", source, f"is not valid TOML: {exc}", source=source) from None
+    except UnicodeDecodeError:
+        raise BootSpecError("", source, "is not UTF-8 text", source=source) from None
+    return parse_config(data, source=source, base_dir=os.path.dirname(os.path.abspath(source)))
+
+
+def parse_config(
+    data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
+) -> Config:
+    """Validate an already parsed config mapping; relative paths resolve against ``base_dir``."""
+    for key in data:
+        if key != "backends":
+            raise BootSpecError(
+                str(key),
+                data[key],
+                "unknown top-level key; put backends under [backends.NAME]",
+                source=source,
+            )
+    backends = data.get("backends")
+    if not isinstance(backends, Mapping) or not backends:
+        raise BootSpecError(
+            "backends",
+            backends,
+            "the file needs at least one [backends.NAME] table",
+            source=source,
+        )
+    specs: dict[str, BootSpec] = {}
+    for name, table in backends.items():
+        prefix = f"backends.{name}"
+        if not isinstance(name, str) or not _BACKEND_NAME.match(name):
+            raise BootSpecError(
+                prefix, name, "backend names are letters, digits, '_', '-' and '.'", source=source
+            )
+        if not isinstance(table, Mapping):
+            raise BootSpecError(prefix, table, "must be a table of boot spec fields", source=source)
+        try:
+            specs[name] = boot_spec(_resolve_paths(table, base_dir))
+        except BootSpecError as exc:
+            raise exc.located(prefix, source) from None
+    return Config(source=source, backends=specs)
+
+
+def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, Any]:
+    out = dict(table)
+    if base_dir is None:
+        return out
+    for field in _PATH_FIELDS:
+        value = out.get(field)
+        if isinstance(value, str) and value.strip() and "\x00" not in value:
+            out[field] = os.path.join(base_dir, os.path.expanduser(value))
+    binary = out.get("binary_path")
+    if isinstance(binary, str) and os.sep in binary and "\x00" not in binary:
+        out["binary_path"] = os.path.join(base_dir, os.path.expanduser(binary))
+    return out

@@ -1,0 +1,113 @@
+"""The one exception tree of llama_actors.
+
+Every error a user can hit derives from :class:`LlamaActorsError` and says what was
+wrong, with which value (secrets masked), and what to do about it::
+
+    LlamaActorsError
+    ├── BootSpecError            a boot spec or config file field is invalid
+    ├── BinaryError              the llama-server binary cannot be used
+    │   ├── BinaryNotFoundError  no binary where we looked
+    │   ├── BinaryProbeError     `--version` / `--help` failed or made no sense
+    │   └── UnsupportedFlagError the binary does not accept a flag the spec needs
+    ├── ModelFileError           the model file is missing or unreadable
+    └── IncompatibleError        a consumer manifest does not match the backend
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llama_actors._manifest import CompatibilityResult
+
+__all__ = [
+    "BinaryError",
+    "BinaryNotFoundError",
+    "BinaryProbeError",
+    "BootSpecError",
+    "IncompatibleError",
+    "LlamaActorsError",
+    "ModelFileError",
+    "UnsupportedFlagError",
+]
+
+
+class LlamaActorsError(Exception):
+    """Base class of every error raised on purpose by llama_actors."""
+
+
+class BootSpecError(LlamaActorsError):
+    """A boot spec field is invalid.
+
+    ``field`` is the dotted path of the field (``port``, ``environment.FOO`` or, from a
+    config file, ``backends.chat.port``), ``value`` the offending value with secrets
+    masked, ``reason`` one line saying what is wrong and what to do, and ``source`` the
+    file it came from, when it came from one.
+    """
+
+    def __init__(self, field: str, value: Any, reason: str, *, source: str | None = None) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        self.source = source
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.field}: {self.reason} (got {_short_repr(self.value)})"
+
+    def located(self, prefix: str, source: str | None = None) -> BootSpecError:
+        """Return the same error with its field path under ``prefix`` and its source file."""
+        field = f"{prefix}.{self.field}" if prefix and self.field else prefix or self.field
+        return BootSpecError(field, self.value, self.reason, source=source or self.source)
+
+
+class BinaryError(LlamaActorsError):
+    """The llama-server binary cannot be used as the spec asks."""
+
+
+class BinaryNotFoundError(BinaryError):
+    """No llama-server binary was found; ``searched`` lists where we looked, in order."""
+
+    def __init__(self, message: str, searched: tuple[str, ...] = ()) -> None:
+        self.searched = searched
+        super().__init__(message)
+
+
+class BinaryProbeError(BinaryError):
+    """Running the binary with ``--version`` or ``--help`` failed or gave no flag list."""
+
+    def __init__(self, message: str, path: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class UnsupportedFlagError(BinaryError):
+    """The binary does not accept a flag (or a form of it) that the spec would render."""
+
+    def __init__(self, flag: str, build: str, reason: str) -> None:
+        self.flag = flag
+        self.build = build
+        self.reason = reason
+        super().__init__(f"{flag}: {reason} (binary: {build})")
+
+
+class ModelFileError(LlamaActorsError):
+    """The spec's model file is missing or unreadable; ``path`` names it."""
+
+    def __init__(self, message: str, path: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class IncompatibleError(LlamaActorsError):
+    """A consumer cannot use the backend; ``result`` is the failed compatibility check."""
+
+    def __init__(self, result: CompatibilityResult) -> None:
+        self.result = result
+        super().__init__(f"incompatible: {result.reason}: {result.detail}")
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

