@@ -92,6 +92,14 @@ class EndpointUrls(msgspec.Struct, frozen=True):
     base_url: str
     health_url: str
 
+    @classmethod
+    def build(cls, host: str, port: int | str, api_prefix: str) -> EndpointUrls:
+        """URLs for ``host:port``; ``port`` may be a placeholder such as ``<port>``."""
+        if ":" in host:
+            host = f"[{host.replace('%', '%25')}]"
+        root = f"http://{host}:{port}"
+        return cls(root, f"{root}{api_prefix}/v1", f"{root}{api_prefix}/health")
+
 
 class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A normalised llama-server boot spec. Build it with :func:`boot_spec`.
@@ -173,13 +181,7 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
                 "port is 'auto': the URLs are known once the server has bound a port; "
                 "pass bound_port, or ask the running instance for its endpoint"
             )
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        root = f"http://{host.replace('%', '%25')}:{port}"
-        return EndpointUrls(
-            root_url=root,
-            base_url=f"{root}{self.api_prefix}/v1",
-            health_url=f"{root}{self.api_prefix}/health",
-        )
+        return EndpointUrls.build(self.host, port, self.api_prefix)
 
     @property
     def root_url(self) -> str:

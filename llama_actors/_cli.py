@@ -8,13 +8,14 @@ on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 from llama_actors._binary import locate_binary
-from llama_actors._boot_spec import BootSpec, boot_spec
-from llama_actors._config import Config, load_config
+from llama_actors._boot_spec import BootSpec, EndpointUrls, boot_spec
+from llama_actors._config import Config, load_config, read_config_file, validate_config
 from llama_actors._exceptions import BinaryError, BootSpecError, LlamaActorsError, ModelFileError
 from llama_actors._render import LaunchPlan, check_model_file, render_command
 from llama_actors._secret import MASK, mask_mapping
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "render":
             return _render(load_config(args.file), args.backend, args.binary, out)
         if args.command == "check":
-            return _check(load_config(args.file), args.binary, out)
+            return _check(args.file, args.binary, out)
         return _demo(args.model, args.binary, out)
     except BootSpecError as exc:
         print(f"llama-actors: {exc}", file=sys.stderr)
@@ -81,17 +82,16 @@ def _print_plan(name: str, plan: LaunchPlan, out: TextIO) -> None:
         url_port = "<port>"
     else:
         port_text = url_port = str(port)
-    host = f"[{spec.host}]" if ":" in spec.host else spec.host
-    root = f"http://{host}:{url_port}"
+    urls = EndpointUrls.build(spec.host, url_port, spec.api_prefix)
     rows = [
         ("backend", name),
         ("binary", plan.binary.label),
         ("argv", plan.command_line()),
         ("environment", " ".join(f"{k}={v}" for k, v in mask_mapping(plan.env).items()) or "-"),
         ("port", port_text),
-        ("root_url", root),
-        ("base_url", f"{root}{spec.api_prefix}/v1"),
-        ("health_url", f"{root}{spec.api_prefix}/health"),
+        ("root_url", urls.root_url),
+        ("base_url", urls.base_url),
+        ("health_url", urls.health_url),
         ("headers", f"Authorization: Bearer {MASK}" if spec.headers else "-"),
         ("instance_key", spec.instance_key),
     ]
@@ -103,21 +103,30 @@ def _render(config: Config, only: str | None, binary: str | None, out: TextIO) -
     names = [only] if only is not None else list(config.backends)
     for i, name in enumerate(names):
         spec = config.backend(name)
-        plan = render_command(spec, _binary_for(spec, binary))
+        try:
+            plan = render_command(spec, _binary_for(spec, binary))
+        except LlamaActorsError as exc:
+            raise LlamaActorsError(f"{config.source}: backends.{name}: {exc}") from None
         if i:
             print(file=out)
         _print_plan(name, plan, out)
     return EXIT_OK
 
 
-def _check(config: Config, binary: str | None, out: TextIO) -> int:
-    status = EXIT_OK
-    for name, spec in config.backends.items():
+def _check(path: str, binary: str | None, out: TextIO) -> int:
+    """Report every invalid backend (exit 2), then check the valid ones here (exit 1)."""
+    specs, errors = validate_config(
+        read_config_file(path), source=path, base_dir=os.path.dirname(os.path.abspath(path))
+    )
+    for error in errors:
+        print(f"llama-actors: {error}", file=sys.stderr)
+    status = EXIT_USAGE if errors else EXIT_OK
+    for name, spec in specs.items():
         try:
             plan = render_command(spec, _binary_for(spec, binary))
             check_model_file(spec.model)
         except (BinaryError, ModelFileError) as exc:
-            status = EXIT_FAILED
+            status = max(status, EXIT_FAILED)
             print(f"FAIL {name}: {exc}", file=out)
             continue
         print(f"ok   {name}: {len(plan.argv)} args for {plan.binary.label}", file=out)

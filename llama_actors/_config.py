@@ -23,7 +23,7 @@ import msgspec
 from llama_actors._boot_spec import BootSpec, boot_spec
 from llama_actors._exceptions import BootSpecError
 
-__all__ = ["Config", "load_config", "parse_config"]
+__all__ = ["Config", "load_config", "parse_config", "read_config_file", "validate_config"]
 
 _BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PATH_FIELDS = ("model", "api_key_file")
@@ -48,11 +48,17 @@ class Config(msgspec.Struct, frozen=True):
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a TOML config file."""
+    """Read and validate a TOML config file; the first invalid field raises."""
+    source = os.fspath(path)
+    return parse_config(read_config_file(source), source=source, base_dir=_dir_of(source))
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a TOML file, turning read and syntax errors into :class:`BootSpecError`."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as handle:
-            data = tomllib.load(handle)
+            return tomllib.load(handle)
     except OSError as exc:
         raise BootSpecError(
             "", source, f"cannot read config file ({exc.strerror or exc})", source=source
@@ -61,43 +67,62 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise BootSpecError("", source, f"is not valid TOML: {exc}", source=source) from None
     except UnicodeDecodeError:
         raise BootSpecError("", source, "is not UTF-8 text", source=source) from None
-    return parse_config(data, source=source, base_dir=os.path.dirname(os.path.abspath(source)))
 
 
 def parse_config(
     data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
 ) -> Config:
     """Validate an already parsed config mapping; relative paths resolve against ``base_dir``."""
-    for key in data:
-        if key != "backends":
-            raise BootSpecError(
-                str(key),
-                data[key],
-                "unknown top-level key; put backends under [backends.NAME]",
-                source=source,
-            )
-    backends = data.get("backends")
-    if not isinstance(backends, Mapping) or not backends:
-        raise BootSpecError(
-            "backends",
-            backends,
-            "the file needs at least one [backends.NAME] table",
+    specs, errors = validate_config(data, source=source, base_dir=base_dir)
+    if errors:
+        raise errors[0]
+    return Config(source=source, backends=specs)
+
+
+def validate_config(
+    data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
+) -> tuple[dict[str, BootSpec], list[BootSpecError]]:
+    """Validate every backend; return the valid specs and an error for each invalid one."""
+    errors: list[BootSpecError] = [
+        BootSpecError(
+            str(key),
+            data[key],
+            "unknown top-level key; put backends under [backends.NAME]",
             source=source,
         )
+        for key in data
+        if key != "backends"
+    ]
+    backends = data.get("backends")
+    if not isinstance(backends, Mapping) or not backends:
+        errors.append(
+            BootSpecError(
+                "backends",
+                backends,
+                "the file needs at least one [backends.NAME] table",
+                source=source,
+            )
+        )
+        return {}, errors
     specs: dict[str, BootSpec] = {}
     for name, table in backends.items():
         prefix = f"backends.{name}"
         if not isinstance(name, str) or not _BACKEND_NAME.match(name):
-            raise BootSpecError(
-                prefix, name, "backend names are letters, digits, '_', '-' and '.'", source=source
-            )
-        if not isinstance(table, Mapping):
-            raise BootSpecError(prefix, table, "must be a table of boot spec fields", source=source)
-        try:
-            specs[name] = boot_spec(_resolve_paths(table, base_dir))
-        except BootSpecError as exc:
-            raise exc.located(prefix, source) from None
-    return Config(source=source, backends=specs)
+            reason = "backend names are letters, digits, '_', '-' and '.'"
+            errors.append(BootSpecError(prefix, name, reason, source=source))
+        elif not isinstance(table, Mapping):
+            reason = "must be a table of boot spec fields"
+            errors.append(BootSpecError(prefix, table, reason, source=source))
+        else:
+            try:
+                specs[name] = boot_spec(_resolve_paths(table, base_dir))
+            except BootSpecError as exc:
+                errors.append(exc.located(prefix, source))
+    return specs, errors
+
+
+def _dir_of(source: str) -> str:
+    return os.path.dirname(os.path.abspath(source))
 
 
 def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, Any]:

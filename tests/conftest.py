@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from llama_actors.testing import help_samples
 
-FakeBinary = Callable[..., Path]
+from ._helpers import FakeBinary
 
 
 @pytest.fixture(scope="session")
@@ -68,9 +67,3 @@ def fake_binary(tmp_path: Path) -> FakeBinary:
         return script
 
     return make
-
-
-def probe_calls(binary: Path) -> list[str]:
-    """The arguments a fake binary was run with, one per run."""
-    calls = binary.parent / "calls"
-    return calls.read_text().split() if calls.exists() else []

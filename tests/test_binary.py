@@ -19,7 +19,7 @@ from llama_actors import (
 )
 from llama_actors.testing import help_samples
 
-from .conftest import FakeBinary, probe_calls
+from ._helpers import FakeBinary, probe_calls
 
 # -- --version ------------------------------------------------------------------------
 

@@ -431,3 +431,10 @@ def test_normalising_a_spec_again_gives_an_equal_spec(tmp_path: Path) -> None:
     first = spec(api_key="sk-1", api_key_file=str(keys), extra_args=["--jinja"], port=0)
     assert boot_spec(first) == first
     assert boot_spec(first.to_mapping()) == first
+
+
+def test_the_order_of_environment_entries_does_not_change_identity() -> None:
+    assert (
+        spec(environment={"A": "1", "B": "2"}).instance_key
+        == spec(environment={"B": "2", "A": "1"}).instance_key
+    )

@@ -11,7 +11,7 @@ import pytest
 from llama_actors._cli import main
 from llama_actors.testing import help_samples
 
-from .conftest import FakeBinary
+from ._helpers import FakeBinary
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CLI = str(Path(sys.executable).parent / "llama-actors")
@@ -173,3 +173,34 @@ def test_python_dash_m_runs_the_same_command() -> None:
     assert done.returncode == 0
     assert "render" in done.stdout
     assert "check" in done.stdout
+
+
+def test_check_reports_every_invalid_backend_and_still_checks_the_valid_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
+) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"x")
+    path = tmp_path / "two-bad.toml"
+    path.write_text(
+        '[backends.a]\nmodel = "m.gguf"\nport = "1"\n'
+        '[backends.b]\nmodel = "m.gguf"\n'
+        '[backends.c]\nmodel = "m.gguf"\nthreads = 0\n'
+    )
+    assert main(["check", str(path), "--binary", str(fake_binary())]) == 2
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2
+    assert f"{path}: backends.a.port:" in errors[0]
+    assert f"{path}: backends.c.threads:" in errors[1]
+    assert captured.out.startswith("ok   b:")
+
+
+def test_render_names_the_backend_a_binary_cannot_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
+) -> None:
+    path = tmp_path / "new.toml"
+    path.write_text('[backends.chat]\nmodel = "/m.gguf"\napi_prefix = "/v"\n')
+    legacy = fake_binary(help_samples.LEGACY_HELP, help_samples.LEGACY_VERSION)
+    assert main(["render", str(path), "--binary", str(legacy)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"llama-actors: {path}: backends.chat: --api-prefix:")
+    assert len(err.splitlines()) == 1

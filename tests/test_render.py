@@ -18,7 +18,7 @@ from llama_actors import (
 )
 from llama_actors.testing import help_samples
 
-from .conftest import FakeBinary
+from ._helpers import FakeBinary
 
 CURRENT = help_samples.binary()
 LEGACY = help_samples.binary(help_samples.LEGACY_HELP, help_samples.LEGACY_VERSION)

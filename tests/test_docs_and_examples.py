@@ -1,0 +1,52 @@
+"""Every Python block in README.md and guides/ runs, and so does every example."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "guides").glob("*.md"))]
+BLOCKS = [
+    pytest.param(block, id=f"{doc.name}-{i}")
+    for doc in DOCS
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(), re.S))
+]
+
+
+@pytest.mark.real_server
+@pytest.mark.parametrize("block", BLOCKS)
+def test_a_python_block_in_the_docs_runs(block: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", block],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_docs_have_python_blocks_to_run() -> None:
+    assert len(BLOCKS) >= 3
+
+
+@pytest.mark.real_server
+def test_the_render_plan_example_shows_a_masked_command_for_the_real_binary() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "render_plan.py"), "/models/gemma.gguf"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "compatible: True via openai_chat_completions (managed)" in done.stdout
+    assert "--api-key-file '<api-key>'" in done.stdout
+    assert "sk-demo" not in done.stdout
+    assert "port:     bind_zero" in done.stdout
