@@ -13,6 +13,14 @@ from llama_actors import BootSpecError, PortNotBoundError, Secret, boot_spec
 
 MODEL = "/models/gemma-3-270m.Q4_K_M.gguf"
 INT_MAX = 2**31 - 1
+OPTIONAL_INTS = (
+    "ctx_size",
+    "threads",
+    "threads_batch",
+    "parallel",
+    "timeout_seconds",
+    "threads_http",
+)
 
 
 def spec(**fields: Any) -> llama_actors.BootSpec:
@@ -77,14 +85,7 @@ ACCEPTED = [
     ("metadata", None, {}),
     ("metadata", {"team": "search", "tier": 2}, {"team": "search", "tier": 2}),
 ]
-for _name in (
-    "ctx_size",
-    "threads",
-    "threads_batch",
-    "parallel",
-    "timeout_seconds",
-    "threads_http",
-):
+for _name in OPTIONAL_INTS:
     ACCEPTED += [(_name, None, None), (_name, 1, 1), (_name, INT_MAX, INT_MAX)]
 for _name, _default in llama_actors._boot_spec.DEFAULTS.items():
     ACCEPTED += [(_name, None, _default), (_name, 1, 1), (_name, 250, 250)]
@@ -179,14 +180,7 @@ REJECTED = [
     ({"ctx-size": 4096}, "ctx-size"),
     ({"modle": "x"}, "modle"),
 ]
-for _name in (
-    "ctx_size",
-    "threads",
-    "threads_batch",
-    "parallel",
-    "timeout_seconds",
-    "threads_http",
-):
+for _name in OPTIONAL_INTS:
     REJECTED += [({_name: v}, _name) for v in (0, -1, True, "4096", 1.5, 2**31)]
 for _name in llama_actors._boot_spec.DEFAULTS:
     REJECTED += [({_name: v}, _name) for v in (0, -5, "100", 1.5, False)]

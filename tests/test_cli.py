@@ -17,6 +17,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CLI = str(Path(sys.executable).parent / "llama-actors")
 
 
+def write_config(folder: Path, text: str) -> Path:
+    """A config file beside a stand-in model file ``m.gguf``."""
+    (folder / "m.gguf").write_bytes(b"x")
+    path = folder / "backends.toml"
+    path.write_text(text)
+    return path
+
+
 def test_render_prints_argv_urls_and_masked_headers_for_every_backend(
     capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
 ) -> None:
@@ -94,9 +102,9 @@ def test_render_of_a_backend_the_file_lacks_exits_2(
 def test_check_passes_when_binary_and_models_are_usable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
 ) -> None:
-    (tmp_path / "m.gguf").write_bytes(b"x")
-    path = tmp_path / "ok.toml"
-    path.write_text('[backends.a]\nmodel = "m.gguf"\n[backends.b]\nmodel = "m.gguf"\nport = 9\n')
+    path = write_config(
+        tmp_path, '[backends.a]\nmodel = "m.gguf"\n[backends.b]\nmodel = "m.gguf"\nport = 9\n'
+    )
     assert main(["check", str(path), "--binary", str(fake_binary())]) == 0
     out = capsys.readouterr().out
     assert out.count("ok   ") == 2
@@ -105,12 +113,11 @@ def test_check_passes_when_binary_and_models_are_usable(
 def test_check_fails_each_backend_that_cannot_run_here_and_says_why(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
 ) -> None:
-    (tmp_path / "m.gguf").write_bytes(b"x")
-    path = tmp_path / "mixed.toml"
-    path.write_text(
+    path = write_config(
+        tmp_path,
         '[backends.fine]\nmodel = "m.gguf"\n'
         '[backends.no_model]\nmodel = "absent.gguf"\n'
-        '[backends.too_new]\nmodel = "m.gguf"\napi_prefix = "/x"\n'
+        '[backends.too_new]\nmodel = "m.gguf"\napi_prefix = "/x"\n',
     )
     legacy = fake_binary(help_samples.LEGACY_HELP, help_samples.LEGACY_VERSION)
     assert main(["check", str(path), "--binary", str(legacy)]) == 1
@@ -178,12 +185,11 @@ def test_python_dash_m_runs_the_same_command() -> None:
 def test_check_reports_every_invalid_backend_and_still_checks_the_valid_ones(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_binary: FakeBinary
 ) -> None:
-    (tmp_path / "m.gguf").write_bytes(b"x")
-    path = tmp_path / "two-bad.toml"
-    path.write_text(
+    path = write_config(
+        tmp_path,
         '[backends.a]\nmodel = "m.gguf"\nport = "1"\n'
         '[backends.b]\nmodel = "m.gguf"\n'
-        '[backends.c]\nmodel = "m.gguf"\nthreads = 0\n'
+        '[backends.c]\nmodel = "m.gguf"\nthreads = 0\n',
     )
     assert main(["check", str(path), "--binary", str(fake_binary())]) == 2
     captured = capsys.readouterr()
