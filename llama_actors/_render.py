@@ -138,23 +138,23 @@ class _Renderer:
 
     def name_for(self, field: str) -> str:
         """The name of ``field``'s flag this binary knows, preferring the long one."""
-        names = MANAGED_FLAGS[field]
-        names = tuple(n for n in names if not n.startswith("--no-"))
-        longs = [n for n in names if n.startswith("--")]
-        preferred = longs[0]
-        for name in (*longs, *names):
+        names = [n for n in MANAGED_FLAGS[field] if not n.startswith("--no-")]
+        candidates = sorted(names, key=lambda n: not n.startswith("--"))  # long names first
+        for name in candidates:
             if self.binary.supports(name):
                 return name
+        preferred = candidates[0]
         raise self.unsupported(
             preferred, f"this llama-server has no {preferred} (needed for {field}); upgrade it"
         )
 
     def add(self, field: str, value: str | None = None, *, slot: str | None = None) -> None:
         self.argv.append(self.name_for(field))
-        if value is not None or slot is not None:
-            if slot is not None:
-                self.slots[len(self.argv)] = slot
-            self.argv.append(value if value is not None else f"<{slot}>")
+        if slot is not None:
+            self.slots[len(self.argv)] = slot
+            self.argv.append(f"<{slot}>")
+        elif value is not None:
+            self.argv.append(value)
 
     def optional_int(self, field: str, value: int | None) -> None:
         if value is not None:

@@ -12,6 +12,8 @@ from llama_actors.testing import help_samples
 
 from ._helpers import FakeBinary
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(scope="session")
 def real_binary() -> str:

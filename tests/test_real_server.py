@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from llama_actors import boot_spec, render_command
+from llama_actors._boot_spec import FIELDS
 from llama_actors._cli import main
 
 pytestmark = pytest.mark.real_server
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.real_server
 FULL_TOML = """\
 [backends.everything]
 model = "{model}"
+binary_path = "{binary}"
+api_key_file = "keys"
 alias = "chat"
 model_identity = "gemma-3-270m"
 host = "127.0.0.1"
@@ -88,14 +92,19 @@ def read_until(proc: subprocess.Popen[bytes], pattern: str, timeout: float) -> t
 def test_the_rendered_argv_of_a_spec_with_every_field_gets_past_argument_parsing(
     tmp_path: Path,
     model_file: Path,
+    real_binary: str,
     capsys: pytest.CaptureFixture[str],
     popen_group: list[subprocess.Popen[bytes]],
 ) -> None:
+    table = tomllib.loads(FULL_TOML.format(model="m", binary="b"))["backends"]["everything"]
+    assert set(table) == set(FIELDS), "the spec must set every field"
+    (tmp_path / "keys").write_text("sk-second-key\n")
     config = tmp_path / "all.toml"
-    config.write_text(FULL_TOML.format(model=model_file))
+    config.write_text(FULL_TOML.format(model=model_file, binary=real_binary))
     assert main(["render", str(config)]) == 0
     printed = capsys.readouterr().out
     assert "sk-never-in-argv" not in printed
+    assert "sk-second-key" not in printed
     argv = shlex.split(re.search(r"^argv:\s+(.*)$", printed, re.M).group(1))  # type: ignore[union-attr]
     key_file = tmp_path / "key"
     key_file.write_text("sk-never-in-argv\n")
