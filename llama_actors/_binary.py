@@ -16,7 +16,6 @@ import signal
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Literal
 
 import msgspec
@@ -339,7 +338,7 @@ def _probe(binary: str, launcher_args: tuple[str, ...], timeout: float) -> Serve
         )
     version, build, commit = parse_version(version_text)
     return ServerBinary(
-        path=str(Path(binary)),
+        path=binary,
         launcher_args=launcher_args,
         version=version,
         build_number=build,
