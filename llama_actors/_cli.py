@@ -8,14 +8,13 @@ on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 from llama_actors._binary import locate_binary
 from llama_actors._boot_spec import BootSpec, EndpointUrls, boot_spec
-from llama_actors._config import Config, load_config, read_config_file, validate_config
+from llama_actors._config import Config, load_config, validate_config_file
 from llama_actors._exceptions import BinaryError, BootSpecError, LlamaActorsError, ModelFileError
 from llama_actors._render import LaunchPlan, check_model_file, render_command
 from llama_actors._secret import MASK, mask_mapping
@@ -115,9 +114,7 @@ def _render(config: Config, only: str | None, binary: str | None, out: TextIO) -
 
 def _check(path: str, binary: str | None, out: TextIO) -> int:
     """Report every invalid backend (exit 2), then check the valid ones here (exit 1)."""
-    specs, errors = validate_config(
-        read_config_file(path), source=path, base_dir=os.path.dirname(os.path.abspath(path))
-    )
+    specs, errors = validate_config_file(path)
     for error in errors:
         print(f"llama-actors: {error}", file=sys.stderr)
     status = EXIT_USAGE if errors else EXIT_OK

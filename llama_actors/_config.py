@@ -23,7 +23,14 @@ import msgspec
 from llama_actors._boot_spec import BootSpec, boot_spec
 from llama_actors._exceptions import BootSpecError
 
-__all__ = ["Config", "load_config", "parse_config", "read_config_file", "validate_config"]
+__all__ = [
+    "Config",
+    "load_config",
+    "parse_config",
+    "read_config_file",
+    "validate_config",
+    "validate_config_file",
+]
 
 _BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PATH_FIELDS = ("model", "api_key_file")
@@ -49,8 +56,22 @@ class Config(msgspec.Struct, frozen=True):
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML config file; the first invalid field raises."""
+    specs, errors = validate_config_file(path)
+    if errors:
+        raise errors[0]
+    return Config(source=os.fspath(path), backends=specs)
+
+
+def validate_config_file(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, BootSpec], list[BootSpecError]]:
+    """Read a TOML config file and validate every backend, collecting all the errors.
+
+    A file that cannot be read or parsed still raises :class:`BootSpecError`.
+    """
     source = os.fspath(path)
-    return parse_config(read_config_file(source), source=source, base_dir=_dir_of(source))
+    base_dir = os.path.dirname(os.path.abspath(source))
+    return validate_config(read_config_file(source), source=source, base_dir=base_dir)
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -119,10 +140,6 @@ def validate_config(
             except BootSpecError as exc:
                 errors.append(exc.located(prefix, source))
     return specs, errors
-
-
-def _dir_of(source: str) -> str:
-    return os.path.dirname(os.path.abspath(source))
 
 
 def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, Any]:
