@@ -24,8 +24,14 @@ from llama_actors._exceptions import (
     IncompatibleError,
     LlamaActorsError,
     ModelFileError,
+    PortInUseError,
+    ServerExitedError,
+    SpawnError,
     UnsupportedFlagError,
+    WaitTimeoutError,
 )
+from llama_actors._failure import NON_RETRYABLE, FailureKind, classify_line
+from llama_actors._ledger import Ledger, LedgerEntry
 from llama_actors._manifest import (
     BackendManifest,
     CompatibilityResult,
@@ -34,13 +40,16 @@ from llama_actors._manifest import (
     compatibility,
     llama_manifest,
 )
+from llama_actors._process import ProcessExit, ServerProcess
 from llama_actors._render import LaunchPlan, PrivateFile, check_model_file, render_command
 from llama_actors._secret import Secret
+from llama_actors._state import default_state_dir
 from llama_actors._types import EndpointDescriptor, Health, InstanceState, Lease, RuntimeSnapshot
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NON_RETRYABLE",
     "BackendManifest",
     "BinaryError",
     "BinaryNotFoundError",
@@ -52,25 +61,36 @@ __all__ = [
     "ConsumerManifest",
     "EndpointDescriptor",
     "EndpointUrls",
+    "FailureKind",
     "FlagInfo",
     "Health",
     "IncompatibleError",
     "InstanceState",
     "LaunchPlan",
     "Lease",
+    "Ledger",
+    "LedgerEntry",
     "LlamaActorsError",
     "ManifestError",
     "ModelFileError",
+    "PortInUseError",
     "PortNotBoundError",
     "PrivateFile",
+    "ProcessExit",
     "RuntimeSnapshot",
     "Secret",
     "ServerBinary",
+    "ServerExitedError",
+    "ServerProcess",
+    "SpawnError",
     "UnsupportedFlagError",
+    "WaitTimeoutError",
     "boot_spec",
     "check_model_file",
+    "classify_line",
     "clear_probe_cache",
     "compatibility",
+    "default_state_dir",
     "llama_manifest",
     "load_config",
     "locate_binary",

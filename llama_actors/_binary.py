@@ -262,24 +262,29 @@ def probe_binary(
     path: str | os.PathLike[str],
     *,
     launcher_args: Sequence[str] = (),
+    environment: Mapping[str, str] | None = None,
     timeout: float = PROBE_TIMEOUT,
 ) -> ServerBinary:
     """Run ``--version`` and ``--help`` once per binary build and return what it accepts.
 
     ``launcher_args`` go before the probe flags, as they go before the llama flags at
-    spawn (for a binary that is an interpreter running a script). The result is cached
-    by the identity of the binary file and of any launcher argument that is a file.
+    spawn (for a binary that is an interpreter running a script). ``environment`` is
+    added to the probe's environment as it is to the server's (a binary may need, say,
+    ``LD_LIBRARY_PATH`` to run at all). The result is cached by the identity of the
+    binary file, of any launcher argument that is a file, and by ``environment``.
     """
     binary = os.fspath(path)
+    extra_env = dict(environment or {})
     key = (
         _file_identity(binary),
         tuple(launcher_args),
         tuple(_file_identity(a) for a in launcher_args if os.path.isfile(a)),
+        tuple(sorted(extra_env.items())),
     )
     with _cache_lock:
         cached = _cache.get(key)
         if cached is None:
-            cached = _probe(binary, tuple(launcher_args), timeout)
+            cached = _probe(binary, tuple(launcher_args), extra_env, timeout)
             _cache[key] = cached
     return cached
 
@@ -290,9 +295,10 @@ def clear_probe_cache() -> None:
         _cache.clear()
 
 
-def _run(argv: list[str], timeout: float) -> tuple[int, str]:
+def _run(argv: list[str], extra_env: Mapping[str, str], timeout: float) -> tuple[int, str]:
     """Run a probe in its own process group, so a timeout kills all of it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    env.update(extra_env)
     try:
         proc = subprocess.Popen(
             argv,
@@ -322,10 +328,12 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str]:
     return proc.returncode, text
 
 
-def _probe(binary: str, launcher_args: tuple[str, ...], timeout: float) -> ServerBinary:
+def _probe(
+    binary: str, launcher_args: tuple[str, ...], extra_env: Mapping[str, str], timeout: float
+) -> ServerBinary:
     base = [binary, *launcher_args]
-    _, version_text = _run([*base, "--version"], timeout)
-    code, help_text = _run([*base, "--help"], timeout)
+    _, version_text = _run([*base, "--version"], extra_env, timeout)
+    code, help_text = _run([*base, "--help"], extra_env, timeout)
     options = parse_help(help_text)
     names = {n for o in options for n in o.names}
     if not {"--model", "--port"} <= names:

@@ -16,6 +16,7 @@ from llama_actors._binary import locate_binary
 from llama_actors._boot_spec import BootSpec, EndpointUrls, boot_spec
 from llama_actors._config import Config, load_config, validate_config_file
 from llama_actors._exceptions import BinaryError, BootSpecError, LlamaActorsError, ModelFileError
+from llama_actors._ledger import Ledger
 from llama_actors._render import LaunchPlan, check_model_file, render_command
 from llama_actors._secret import MASK, mask_mapping
 
@@ -40,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="TOML file with [backends.NAME] tables")
     check.add_argument("--binary", help="check against this llama-server instead of the spec's")
 
+    reap = sub.add_parser(
+        "reap", help="stop llama-servers that a dead owner left running (from the ledger)"
+    )
+    reap.add_argument(
+        "--state-dir",
+        help="the state folder (default: $LLAMA_ACTORS_STATE_DIR, else "
+        "$XDG_STATE_HOME/llama_actors, else ~/.local/state/llama_actors)",
+    )
+    reap.add_argument("--dry-run", action="store_true", help="only list them")
+
     demo = sub.add_parser("demo", help="the demo: the gemma model on the real llama-server")
     demo.add_argument("--model", help="a GGUF file to use instead of the packaged gemma model")
     demo.add_argument("--binary", help="a llama-server to use instead of the installed one")
@@ -54,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render(load_config(args.file), args.backend, args.binary, out)
         if args.command == "check":
             return _check(args.file, args.binary, out)
+        if args.command == "reap":
+            return _reap(args.state_dir, args.dry_run, out)
         return _demo(args.model, args.binary, out)
     except BootSpecError as exc:
         print(f"llama-actors: {exc}", file=sys.stderr)
@@ -128,6 +141,24 @@ def _check(path: str, binary: str | None, out: TextIO) -> int:
             continue
         print(f"ok   {name}: {len(plan.argv)} args for {plan.binary.label}", file=out)
     return status
+
+
+def _reap(state_dir: str | None, dry_run: bool, out: TextIO) -> int:
+    ledger = Ledger(state_dir)
+    leftovers = ledger.leftovers()
+    if not leftovers:
+        print(f"no servers left behind in {ledger.path}", file=out)
+        return EXIT_OK
+    if dry_run:
+        for entry in leftovers:
+            state = "running" if entry.server_alive() else "gone"
+            print(f"left behind: pid {entry.pid} port {entry.port} ({state})", file=out)
+        return EXIT_OK
+    reaped = {entry.pid for entry in ledger.reap_leftovers()}
+    for entry in leftovers:
+        what = "stopped" if entry.pid in reaped else "already gone, entry removed"
+        print(f"pid {entry.pid} port {entry.port}: {what}", file=out)
+    return EXIT_OK
 
 
 def _demo(model: str | None, binary: str | None, out: TextIO) -> int:

@@ -10,7 +10,11 @@ wrong, with which value (secrets masked), and what to do about it::
     │   ├── BinaryProbeError     `--version` / `--help` failed or made no sense
     │   └── UnsupportedFlagError the binary does not accept a flag the spec needs
     ├── ModelFileError           the model file is missing or unreadable
-    └── IncompatibleError        a consumer manifest does not match the backend
+    ├── IncompatibleError        a consumer manifest does not match the backend
+    ├── SpawnError               the operating system refused to start the server
+    ├── PortInUseError           an explicit port is held by another program
+    ├── ServerExitedError        the server exited while something waited on it
+    └── WaitTimeoutError         a wait ran out of time (also a ``TimeoutError``)
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llama_actors._manifest import CompatibilityResult
+    from llama_actors._process import ProcessExit
 
 __all__ = [
     "BinaryError",
@@ -28,7 +33,11 @@ __all__ = [
     "IncompatibleError",
     "LlamaActorsError",
     "ModelFileError",
+    "PortInUseError",
+    "ServerExitedError",
+    "SpawnError",
     "UnsupportedFlagError",
+    "WaitTimeoutError",
 ]
 
 
@@ -106,6 +115,48 @@ class IncompatibleError(LlamaActorsError):
     def __init__(self, result: CompatibilityResult) -> None:
         self.result = result
         super().__init__(f"incompatible: {result.reason}: {result.detail}")
+
+
+class SpawnError(LlamaActorsError):
+    """The operating system refused to start the server; ``path`` names what it ran."""
+
+    def __init__(self, message: str, path: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class PortInUseError(LlamaActorsError):
+    """An explicit port is already held by a program that is not this instance.
+
+    ``holder_pid`` and ``holder_name`` name that program when they can be found.
+    """
+
+    def __init__(
+        self, host: str, port: int, holder_pid: int | None = None, holder_name: str | None = None
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.holder_pid = holder_pid
+        self.holder_name = holder_name
+        holder = ""
+        if holder_pid is not None:
+            holder = f" by {holder_name or 'a process'} (pid {holder_pid})"
+        super().__init__(
+            f"port {port} on {host} is already in use{holder}; stop that program, "
+            "choose another port, or set port = 'auto'"
+        )
+
+
+class ServerExitedError(LlamaActorsError):
+    """The server exited while a caller waited on it; ``exit`` is how it ended."""
+
+    def __init__(self, message: str, exit: ProcessExit) -> None:
+        self.exit = exit
+        super().__init__(message)
+
+
+class WaitTimeoutError(LlamaActorsError, TimeoutError):
+    """A wait ran out of time; nothing was stopped or killed because of it."""
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

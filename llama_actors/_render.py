@@ -65,8 +65,14 @@ class LaunchPlan(msgspec.Struct, frozen=True, kw_only=True):
         return shlex.join(self.display_argv())
 
     def child_env(self, parent: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The child's environment: the parent's plus the spec's ``environment``."""
-        env = dict(os.environ if parent is None else parent)
+        """The child's environment: the parent's plus the spec's ``environment``.
+
+        The parent's ``LLAMA_ARG_*`` variables are left out: llama-server reads them as
+        flags, and a server must be what its spec says, not what the caller's shell
+        happens to hold. Set them in ``environment`` to pass them on deliberately.
+        """
+        source = os.environ if parent is None else parent
+        env = {k: v for k, v in source.items() if not k.startswith("LLAMA_ARG_")}
         env.update(self.env)
         return env
 
@@ -111,7 +117,7 @@ def render_command(
     """
     if not isinstance(binary, ServerBinary):
         path = locate_binary(spec.binary_path) if binary is None else os.fspath(binary)
-        binary = probe_binary(path, launcher_args=spec.launcher_args)
+        binary = probe_binary(path, launcher_args=spec.launcher_args, environment=spec.environment)
     return _Renderer(spec, binary).plan()
 
 

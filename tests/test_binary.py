@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,18 @@ def test_a_binary_that_hangs_is_a_probe_error_within_the_timeout(tmp_path: Path)
     hung.chmod(0o755)
     with pytest.raises(BinaryProbeError, match=r"did not finish within 0\.5s"):
         probe_binary(hung, timeout=0.5)
+
+
+def test_the_probe_runs_with_the_specs_environment_and_caches_per_environment() -> None:
+    from llama_actors.testing.fake import FAKE_SERVER
+
+    plain = probe_binary(sys.executable, launcher_args=[FAKE_SERVER])
+    old = probe_binary(
+        sys.executable, launcher_args=[FAKE_SERVER], environment={"FAKE_LLAMA_BUILD": "4000"}
+    )
+    assert (plain.build_number, plain.port_zero) == (7310, True)
+    assert (old.build_number, old.port_zero) == (4000, False)
+    again = probe_binary(
+        sys.executable, launcher_args=[FAKE_SERVER], environment={"FAKE_LLAMA_BUILD": "4000"}
+    )
+    assert again is old

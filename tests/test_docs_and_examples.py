@@ -50,3 +50,20 @@ def test_the_render_plan_example_shows_a_masked_command_for_the_real_binary() ->
     assert "--api-key-file '<api-key>'" in done.stdout
     assert "sk-demo" not in done.stdout
     assert "port:     bind_zero" in done.stdout
+
+
+@pytest.mark.real_server
+def test_the_run_server_example_starts_the_real_server_chats_and_stops_it() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "run_server.py")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--port 0" in done.stdout
+    assert "sk-example" not in done.stdout
+    assert re.search(r"pid \d+ listening on port \d+ after", done.stdout)
+    assert re.search(r"^answer: \S", done.stdout, re.M)
+    assert "exited with code 0 after a stop request" in done.stdout

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
-from llama_actors import boot_spec, render_command
+from llama_actors import ServerProcess, boot_spec, render_command
 from llama_actors._boot_spec import FIELDS
 from llama_actors._cli import main
 
@@ -146,3 +147,75 @@ def test_port_auto_makes_the_real_server_bind_and_report_a_free_port(
     assert port > 0
     health = httpx.get(plan.spec.urls(port).health_url, timeout=10)
     assert health.status_code in (200, 503)
+
+
+# -- the process seam on the real server --------------------------------------------
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        process.stop(timeout=5)
+
+
+def test_the_real_server_starts_on_port_zero_answers_a_chat_with_its_key_and_stops_cleanly(
+    gemma_model: str, processes: list[ServerProcess]
+) -> None:
+    spec = boot_spec(
+        {"model": gemma_model, "ctx_size": 512, "threads": 2, "api_key": "sk-real-secret"}
+    )
+    plan = render_command(spec)
+    assert plan.port_mode == "bind_zero"
+    process = ServerProcess.start(plan)
+    processes.append(process)
+    port = process.wait_port(timeout=120)
+    urls = spec.urls(port)
+    # This build logs "listening on" once the model is loaded, so it is ready now.
+    assert httpx.get(urls.health_url, timeout=10).json() == {"status": "ok"}
+    assert b"sk-real-secret" not in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    assert httpx.get(urls.base_url + "/models", timeout=10).status_code == 401
+
+    reply = httpx.post(
+        urls.base_url + "/chat/completions",
+        json={"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8},
+        headers=spec.headers,
+        timeout=60,
+    )
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["message"]["content"]
+
+    key_folder = process.private_dir
+    ended = process.stop()
+    assert (ended.status, ended.requested, ended.failure) == ("success", True, None)
+    assert key_folder is not None
+    assert not Path(key_folder).exists()
+
+
+def test_a_file_that_is_not_a_model_makes_the_real_server_fail_without_retry(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("these are notes, not a model\n")
+    process = ServerProcess.start(render_command(boot_spec({"model": str(notes)})))
+    processes.append(process)
+    ended = process.wait(timeout=60)
+    assert ended.status == "exit_code"
+    assert ended.failure == "model_invalid"
+    assert not ended.retryable
+    assert ended.failure_line is not None
+    assert "invalid magic characters" in ended.failure_line
+    assert "exiting due to model loading error" in ended.tail[-1]
+
+
+def test_an_argument_the_real_server_rejects_is_classified_as_unknown_argument(
+    model_file: Path, processes: list[ServerProcess]
+) -> None:
+    plan = render_command(boot_spec({"model": str(model_file)}))
+    plan = msgspec.structs.replace(plan, argv=(*plan.argv, "--no-such-flag"))
+    process = ServerProcess.start(plan)
+    processes.append(process)
+    ended = process.wait(timeout=60)
+    assert (ended.status, ended.failure) == ("exit_code", "unknown_argument")
+    assert "error: invalid argument: --no-such-flag" in ended.tail

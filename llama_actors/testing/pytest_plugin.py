@@ -1,15 +1,29 @@
-"""A pytest plugin that fails any test leaving a child process of the test run behind.
+"""A pytest plugin that fails any test leaving a server or child process behind.
 
 Enable with ``-p llama_actors.testing.pytest_plugin`` (needs psutil). It only ever
-looks at descendants of the pytest process itself, and kills only those it reports.
+looks at descendants of the pytest process itself and at the servers in the run's own
+ledger, and kills only those it reports. It also points ``LLAMA_ACTORS_STATE_DIR`` at a
+folder of the run's own (unless already set), so tests never touch the user's state,
+and offers the ``fake_llama`` fixture.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+
+from llama_actors._ledger import Ledger, LedgerEntry
+from llama_actors._state import ENV_STATE_DIR
+
+if TYPE_CHECKING:
+    from llama_actors.testing.fake import FakeLlama
 
 
 def _descendants() -> dict[int, psutil.Process]:
@@ -63,11 +77,67 @@ def _no_process_left_behind() -> Iterator[None]:
         pytest.fail(f"the test left processes running (now killed): {described}")
 
 
+_own_state_dir: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _own_state_dir
+    if not os.environ.get(ENV_STATE_DIR):
+        _own_state_dir = tempfile.mkdtemp(prefix="llama-actors-test-state-")
+        os.environ[ENV_STATE_DIR] = _own_state_dir
+
+
+def _stray_servers() -> list[LedgerEntry]:
+    """Live servers in the ledger that this run started (all of them, in a state
+    folder the plugin made; else those this pytest process owns)."""
+    ledger = Ledger(os.environ[ENV_STATE_DIR])
+    return [
+        e
+        for e in ledger.entries()
+        if e.server_alive() and (_own_state_dir is not None or e.owner_pid == os.getpid())
+    ]
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """The whole run must end with no descendant of pytest still running."""
+    """The whole run must end with no descendant of pytest, and no server in the run's
+    ledger, still running (a server whose owner died is no longer our descendant)."""
     alive = _running(list(_descendants().values()))
-    if alive:
-        described = "; ".join(_describe(p) for p in alive)
+    stray = _stray_servers()
+    described = "; ".join(_describe(p) for p in alive)
+    described += "".join(f"; ledger: server pid {e.pid} port {e.port}" for e in stray)
+    if alive or stray:
         _kill(alive)
+        for entry in stray:
+            try:
+                _kill([psutil.Process(entry.pid)])
+            except psutil.Error:
+                continue
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nllama_actors: processes left behind by the test run (now killed): {described}")
+    if _own_state_dir is not None:
+        shutil.rmtree(_own_state_dir, ignore_errors=True)
+
+
+StartFake = Callable[..., "FakeLlama"]
+
+
+@pytest.fixture
+def fake_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartFake]:
+    """Start fake llama-servers: ``fake_llama(behaviour={"load_seconds": "1"}, **spec)``.
+
+    Each gets its own folder (model, control and argv files, log); all are stopped when
+    the test ends. See ``llama_actors.testing.fake_server`` for the behaviours.
+    """
+    from llama_actors.testing.fake import start_fake
+
+    started: list[FakeLlama] = []
+
+    def start(**kwargs: Any) -> FakeLlama:
+        folder: Path = tmp_path_factory.mktemp("fake-llama")
+        fake = start_fake(folder, **kwargs)
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop(timeout=2.0)

@@ -1,0 +1,703 @@
+"""The fake llama-server behaves like the real one where the library looks, and
+misbehaves on request."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from llama_actors import boot_spec, clear_probe_cache, probe_binary, render_command
+from llama_actors._boot_spec import MANAGED_FLAGS
+from llama_actors.testing import fake_server
+from llama_actors.testing.fake_server import CRASH_EXIT_CODE, write_control
+
+FAKE_PATH = str(Path(fake_server.__file__).resolve())
+WAIT = 10.0  # generous deadline for anything that should take milliseconds
+LISTENING = re.compile(r"listening on http://(\S+):(\d+)")
+UNAUTHORIZED = {
+    "error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}
+}
+LOADING = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
+
+
+class Fake:
+    """A started fake: its process, and its stderr lines as they arrive."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str]) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env),
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in iter(self.proc.stderr.readline, b""):
+            with self._changed:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        """The first stderr line matching ``pattern``; fails on exit or deadline."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if match := regex.search(line):
+                        return match
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._reader.is_alive():
+                    pytest.fail(f"no line matching {pattern!r}; stderr so far:\n{self.text}")
+                self._changed.wait(left)
+
+    def listening(self) -> int:
+        """Wait for the real server's ``listening on`` line; the port it shows."""
+        return int(self.wait_for(LISTENING.pattern).group(2))
+
+    def bound_port(self) -> int:
+        """The port from the fake's own ``fake: bound port N`` line (before loading)."""
+        return int(self.wait_for(r"^fake: bound port (\d+)$").group(1))
+
+    def exit_code(self, timeout: float = WAIT) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def stop(self) -> None:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(WAIT)
+        self._reader.join(WAIT)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+StartFake = Callable[..., Fake]
+
+
+@pytest.fixture
+def start(model_file: Path) -> Iterator[StartFake]:
+    """Start fakes (``start(*args, env={...}, model=...)``); each one's whole process
+    group is killed at the end of the test."""
+    started: list[Fake] = []
+
+    def run(
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        model: str | None = str(model_file),
+        host_port: bool = True,
+    ) -> Fake:
+        argv = [sys.executable, FAKE_PATH]
+        if model is not None:
+            argv += ["--model", model]
+        if host_port:
+            argv += ["--host", "127.0.0.1", "--port", "0"]
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_LLAMA_")}
+        fake = Fake([*argv, *args], {**clean, **(env or {})})
+        started.append(fake)
+        return fake
+
+    yield run
+    for fake in started:
+        fake.stop()
+
+
+def wait_gone(pid: int, timeout: float = WAIT) -> bool:
+    """True once ``pid`` has terminated (a zombie counts: an orphan's reaper may be slow)."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([handle], [], [], timeout)[0])
+    finally:
+        os.close(handle)
+
+
+def url(port: int, path: str, host: str = "127.0.0.1") -> str:
+    return f"http://{host}:{port}{path}"
+
+
+def get(port: int, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.get(url(port, path), **{"timeout": WAIT, **kwargs})
+
+
+def chat(port: int, text: str, prefix: str = "", **body: Any) -> httpx.Response:
+    payload = {"messages": [{"role": "user", "content": text}], **body}
+    return httpx.post(url(port, f"{prefix}/v1/chat/completions"), json=payload, timeout=WAIT)
+
+
+# -- the command line ---------------------------------------------------------------
+
+
+def test_probing_the_fake_finds_the_current_flag_forms_and_every_managed_flag() -> None:
+    clear_probe_cache()
+    binary = probe_binary(sys.executable, launcher_args=[FAKE_PATH])
+    assert binary.build_number == fake_server.DEFAULT_BUILD
+    assert binary.flash_attn_form == "value"
+    assert binary.gpu_layers_words
+    assert binary.pooling_values == {"none", "mean", "cls", "last", "rank"}
+    assert binary.port_zero
+    for field, names in MANAGED_FLAGS.items():
+        for name in names:
+            assert binary.supports(name), f"{name} ({field})"
+    for extra in ("--no-webui", "--seed", "--help", "--version"):
+        assert binary.supports(extra)
+
+
+def test_an_old_build_number_makes_the_library_reserve_ports_itself(
+    monkeypatch: pytest.MonkeyPatch, start: StartFake
+) -> None:
+    monkeypatch.setenv("FAKE_LLAMA_BUILD", "4000")
+    clear_probe_cache()
+    try:
+        binary = probe_binary(sys.executable, launcher_args=[FAKE_PATH])
+    finally:
+        clear_probe_cache()
+    assert binary.build_number == 4000
+    assert not binary.port_zero
+    # Such builds bound a free port for --port 0 but never said which one.
+    fake = start(env={"FAKE_LLAMA_BUILD": "4000"})
+    assert fake.listening() == 0
+    assert get(fake.bound_port(), "/health").json() == {"status": "ok"}
+
+
+def test_the_rendered_command_of_a_full_spec_is_accepted_and_served(
+    tmp_path: Path, model_file: Path
+) -> None:
+    argv_file = tmp_path / "argv.json"
+    spec = boot_spec(
+        {
+            "model": str(model_file),
+            "binary_path": sys.executable,
+            "launcher_args": [FAKE_PATH],
+            "alias": "chat",
+            "api_key": "sk-fake-test",
+            "api_prefix": "/llm",
+            "ctx_size": 512,
+            "gpu_layers": "all",
+            "threads": 1,
+            "threads_batch": 1,
+            "parallel": 2,
+            "flash_attn": "off",
+            "embeddings": True,
+            "pooling": "mean",
+            "timeout_seconds": 30,
+            "threads_http": 2,
+            "extra_args": ["--no-webui", "--seed", "7"],
+            "environment": {"FAKE_LLAMA_ARGV_FILE": str(argv_file)},
+        }
+    )
+    clear_probe_cache()
+    plan = render_command(spec)
+    assert plan.port_mode == "bind_zero"
+    paths = plan.write_private_files(tmp_path)
+    fake = Fake(plan.argv_for(paths), plan.child_env())
+    try:
+        urls = spec.urls(fake.listening())
+        assert httpx.get(urls.health_url, headers=spec.headers, timeout=WAIT).json() == {
+            "status": "ok"
+        }
+        answer = httpx.post(
+            urls.base_url + "/chat/completions",
+            headers=spec.headers,
+            json={"messages": [{"role": "user", "content": "ping"}]},
+            timeout=WAIT,
+        )
+        assert answer.status_code == 200
+        assert answer.json()["model"] == "chat"
+        assert json.loads(argv_file.read_text()) == plan.argv_for(paths)[2:]
+        assert "sk-fake-test" not in fake.text
+    finally:
+        fake.stop()
+
+
+def test_help_goes_to_stdout_and_version_to_stderr_like_the_real_binary() -> None:
+    shown = subprocess.run(
+        [sys.executable, FAKE_PATH, "--help"], capture_output=True, text=True, timeout=WAIT
+    )
+    assert shown.returncode == 0
+    assert shown.stdout.startswith("----- common params -----\n\n-h,    --help, --usage")
+    version = subprocess.run(
+        [sys.executable, "-m", "llama_actors.testing.fake_server", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert version.returncode == 0
+    assert version.stdout == ""
+    assert version.stderr.startswith(f"version: 0.6.0 (build {fake_server.DEFAULT_BUILD}, commit")
+
+
+@pytest.mark.parametrize(
+    ("args", "stderr"),
+    [
+        (["--bogus"], "error: invalid argument: --bogus\n"),
+        (["--port", "12abc", "--no_such_flag"], "error: invalid argument: --no-such-flag\n"),
+        (
+            ["--port", "abc"],
+            'error while handling argument "--port": stoi\n\nusage:\n'
+            "--port PORT                             port to listen (default: 8080)\n"
+            "                                        (env: LLAMA_ARG_PORT)\n\n\n"
+            "to show complete usage, run with -h\n",
+        ),
+    ],
+)
+def test_an_unknown_flag_or_bad_value_is_rejected_as_the_real_binary_does(
+    args: list[str], stderr: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, FAKE_PATH, *args], capture_output=True, text=True, timeout=WAIT
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", stderr)
+
+
+@pytest.mark.real_server
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus"],
+        ["--port", "abc"],
+        ["--port"],
+        ["--flash-attn", "maybe"],
+        ["--pooling", "avg"],
+        ["-np", "0"],
+        ["--gpu-layers", "lots"],
+        ["--host", ","],
+        ["--seed", "x"],
+        ["--api-key-file", "/nonexistent/keys"],
+        ["--api_key", "k", "--threads-http"],
+    ],
+)
+def test_argument_errors_are_byte_for_byte_those_of_the_real_binary(
+    args: list[str], real_binary: str
+) -> None:
+    real = subprocess.run(
+        [real_binary, *args], capture_output=True, timeout=60, start_new_session=True
+    )
+    fake = subprocess.run([sys.executable, FAKE_PATH, *args], capture_output=True, timeout=WAIT)
+    assert (fake.returncode, fake.stdout, fake.stderr) == (
+        real.returncode,
+        real.stdout,
+        real.stderr,
+    )
+
+
+def test_the_argv_is_recorded_before_anything_else(tmp_path: Path, start: StartFake) -> None:
+    record = tmp_path / "argv.json"
+    fake = start("--bogus", env={"FAKE_LLAMA_ARGV_FILE": str(record)})
+    assert fake.exit_code() == 1
+    assert json.loads(record.read_text()) == fake.argv[2:]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# -- startup and failures -----------------------------------------------------------
+
+
+def test_port_zero_binds_a_free_port_and_logs_it_after_the_model_is_loaded(
+    start: StartFake,
+) -> None:
+    fake = start()
+    port = fake.listening()
+    assert port == fake.bound_port() > 0
+    lines = fake.lines
+    loaded = next(i for i, line in enumerate(lines) if line.endswith("model loaded"))
+    listening = next(i for i, line in enumerate(lines) if LISTENING.search(line))
+    assert loaded < listening
+    assert re.fullmatch(
+        r"\d+\.\d\d\.\d{3}\.\d{3} I srv  llama_server: listening on http://127\.0\.0\.1:\d+",
+        lines[listening],
+    )
+    with httpx.Client(timeout=WAIT) as client:  # one keep-alive connection, two answers
+        assert client.get(url(port, "/health")).json() == {"status": "ok"}
+        assert client.get(url(port, "/v1/health")).json() == {"status": "ok"}
+
+
+def test_an_ipv6_host_is_served_and_shown_in_brackets(start: StartFake) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    fake = start("--host", "::1", "--port", "0", host_port=False)
+    match = fake.wait_for(LISTENING.pattern)
+    assert match.group(1) == "[::1]"
+    health = httpx.get(url(int(match.group(2)), "/health", "[::1]"), timeout=WAIT)
+    assert health.json() == {"status": "ok"}
+
+
+def test_a_held_port_fails_the_bind_with_the_real_message(start: StartFake) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        fake = start("--host", "127.0.0.1", "--port", str(port), host_port=False)
+        assert fake.exit_code() == 1
+    assert (
+        f"E srv         start: couldn't bind HTTP server socket, hostname: 127.0.0.1, "
+        f"port: {port}" in fake.text
+    )
+    assert fake.lines[-1].endswith("E srv  llama_server: exiting due to HTTP server error")
+
+
+def test_a_missing_model_fails_with_the_real_servers_lines(
+    tmp_path: Path, start: StartFake
+) -> None:
+    missing = tmp_path / "nope.gguf"
+    fake = start(model=str(missing))
+    assert fake.exit_code() == 1
+    assert (
+        f"E gguf_init_from_file: failed to open GGUF file '{missing}' (No such file or directory)"
+        in fake.text
+    )
+    assert f"E srv    load_model: failed to load model, '{missing}'" in fake.text
+    assert fake.lines[-1].endswith("E srv  llama_server: exiting due to model loading error")
+    assert not LISTENING.search(fake.text)
+
+
+def test_a_model_can_be_made_to_fail_as_a_file_that_is_not_gguf(start: StartFake) -> None:
+    fake = start(env={"FAKE_LLAMA_INVALID_MODEL": "1"})
+    assert fake.exit_code() == 1
+    assert "E gguf_init_from_reader: failed to read magic" in fake.text
+    assert "failed to open GGUF file" not in fake.text
+    assert fake.lines[-1].endswith("exiting due to model loading error")
+
+
+def test_exit_before_ready_prints_its_text_and_exits_with_its_code(start: StartFake) -> None:
+    fake = start(
+        env={"FAKE_LLAMA_EXIT_BEFORE_READY": "7", "FAKE_LLAMA_EXIT_STDERR": "boom: no luck"}
+    )
+    assert fake.exit_code() == 7
+    assert fake.lines[-1] == "boom: no luck"
+    assert "fake: bound port" not in fake.text
+
+
+def test_health_says_loading_until_the_load_time_has_passed(start: StartFake) -> None:
+    fake = start(env={"FAKE_LLAMA_LOAD_SECONDS": "0.3"})
+    port = fake.bound_port()
+    loading = get(port, "/health")
+    assert (loading.status_code, loading.json()) == (503, LOADING)
+    assert get(port, "/v1/models").status_code == 503  # every route, as in the real server
+    fake.wait_for(r"I load_tensors: loading model tensors, \d+% done")
+    assert fake.listening() == port
+    assert get(port, "/health").json() == {"status": "ok"}
+
+
+def test_a_never_ready_server_loads_once_the_control_file_allows_it(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    fake = start(env={"FAKE_LLAMA_NEVER_READY": "1", "FAKE_LLAMA_CONTROL": str(control)})
+    port = fake.bound_port()
+    assert get(port, "/health").json() == LOADING
+    assert "load_tensors" not in fake.text
+    write_control(control, never_ready=False)
+    assert fake.listening() == port
+    assert get(port, "/health").json() == {"status": "ok"}
+
+
+# -- routes -------------------------------------------------------------------------
+
+
+def test_chat_answers_deterministically_under_the_alias(start: StartFake) -> None:
+    fake = start("--alias", "tiny")
+    port = fake.listening()
+    first = chat(port, "Tell me something about llamas")
+    second = chat(port, "Tell me something about llamas")
+    assert first.status_code == 200
+    body = first.json()
+    assert body["model"] == "tiny"
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"] == "You said: Tell me something about llamas"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert second.json()["choices"] == body["choices"]
+    short = chat(port, "one two three", max_tokens=2).json()["choices"][0]
+    assert (short["message"]["content"], short["finish_reason"]) == ("You said:", "length")
+    models = get(port, "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert get(port, "/models").status_code == 200
+
+
+def test_without_an_alias_the_model_is_named_by_its_path_as_in_the_real_server(
+    start: StartFake, model_file: Path
+) -> None:
+    port = start().listening()
+    assert chat(port, "hi").json()["model"] == str(model_file)
+
+
+def test_a_streamed_chat_sends_delta_chunks_a_finish_reason_and_done(start: StartFake) -> None:
+    port = start().listening()
+    expected = chat(port, "stream these words").json()["choices"][0]["message"]["content"]
+    payload = {"messages": [{"role": "user", "content": "stream these words"}], "stream": True}
+    with httpx.stream(
+        "POST", url(port, "/v1/chat/completions"), json=payload, timeout=WAIT
+    ) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert content == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_embeddings_are_served_only_with_the_embedding_flag(start: StartFake) -> None:
+    plain = start().listening()
+    refused = httpx.post(url(plain, "/v1/embeddings"), json={"input": "hi"}, timeout=WAIT)
+    assert refused.status_code == 501
+    assert refused.json() == {
+        "error": {
+            "code": 501,
+            "message": "This server does not support embeddings. Start it with `--embeddings`",
+            "type": "not_supported_error",
+        }
+    }
+    port = start("--embedding").listening()
+    served = httpx.post(url(port, "/v1/embeddings"), json={"input": ["a", "b"]}, timeout=WAIT)
+    data = served.json()["data"]
+    assert [d["index"] for d in data] == [0, 1]
+    assert len(data[0]["embedding"]) == fake_server.EMBEDDING_SIZE
+    assert data[0]["embedding"] != data[1]["embedding"]
+
+
+def test_routes_live_under_the_api_prefix(start: StartFake) -> None:
+    port = start("--api-prefix", "/llm").listening()
+    assert get(port, "/llm/health").json() == {"status": "ok"}
+    assert get(port, "/llm/v1/models").status_code == 200
+    assert chat(port, "hi", prefix="/llm").status_code == 200
+    missing = get(port, "/health")
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "error": {"message": "File Not Found", "type": "not_found_error", "code": 404}
+    }
+
+
+def test_a_request_without_the_key_gets_401_but_health_stays_public(start: StartFake) -> None:
+    fake = start("--api-key", "sk-one,sk-two")
+    port = fake.listening()
+    assert get(port, "/health").json() == {"status": "ok"}
+    assert get(port, "/v1/health").status_code == 200
+    refused = get(port, "/v1/models")
+    assert (refused.status_code, refused.json()) == (401, UNAUTHORIZED)
+    assert get(port, "/v1/models", headers={"Authorization": "Bearer sk-wrong"}).status_code == 401
+    assert get(port, "/v1/models", headers={"Authorization": "Bearer sk-two"}).status_code == 200
+    assert get(port, "/v1/models", headers={"X-Api-Key": "sk-one"}).status_code == 200
+    assert "W srv    operator(): unauthorized: Invalid API Key" in fake.text
+    assert "sk-one" not in fake.text
+    assert "sk-two" not in fake.text
+
+
+def test_keys_come_from_the_api_key_file_one_per_line(tmp_path: Path, start: StartFake) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# a comment, not a key\n\nsk-first\nsk-second\n")
+    port = start("--api-key-file", str(keys)).listening()
+    for key in ("sk-first", "sk-second"):
+        assert get(port, "/v1/models", headers={"Authorization": f"Bearer {key}"}).is_success
+    assert (
+        get(
+            port, "/v1/models", headers={"Authorization": "Bearer # a comment, not a key"}
+        ).status_code
+        == 401
+    )
+    assert get(port, "/v1/models").status_code == 401  # the blank line is no (empty) key
+
+
+def test_with_a_prefix_health_needs_the_key_as_it_does_in_the_real_server(start: StartFake) -> None:
+    # llama-server's public paths are the literal "/health" and "/v1/health".
+    port = start("--api-key", "sk-k", "--api-prefix", "/llm").listening()
+    assert get(port, "/llm/health").json() == UNAUTHORIZED
+    assert get(port, "/llm/health", headers={"Authorization": "Bearer sk-k"}).json() == {
+        "status": "ok"
+    }
+
+
+# -- misbehaviour -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "body"),
+    [
+        ("degraded", 200, {"status": "degraded"}),
+        (
+            "no_slot",
+            503,
+            {"error": {"code": 503, "message": "no slot available", "type": "unavailable_error"}},
+        ),
+        ("loading", 503, LOADING),
+    ],
+)
+def test_health_reports_the_mode_the_environment_asks_for(
+    start: StartFake, mode: str, status: int, body: dict[str, Any]
+) -> None:
+    port = start(env={"FAKE_LLAMA_HEALTH": mode}).listening()
+    answer = get(port, "/health")
+    assert (answer.status_code, answer.json()) == (status, body)
+
+
+def test_the_control_file_flips_health_while_the_server_runs(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    port = start(env={"FAKE_LLAMA_CONTROL": str(control)}).listening()
+    assert get(port, "/health").json() == {"status": "ok"}
+    write_control(control, health="error500")
+    failing = get(port, "/health")
+    assert failing.status_code == 500
+    assert failing.json()["error"]["type"] == "server_error"
+    write_control(control, health="no_slot")
+    assert get(port, "/health").status_code == 503
+    write_control(control, health=None)
+    assert get(port, "/health").json() == {"status": "ok"}
+
+
+def test_a_hanging_server_accepts_but_answers_only_when_released(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    port = start(env={"FAKE_LLAMA_HANG": "1", "FAKE_LLAMA_CONTROL": str(control)}).listening()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(url(port, "/health"), timeout=httpx.Timeout(WAIT, read=0.2))
+    write_control(control, hang=False)
+    assert get(port, "/health").json() == {"status": "ok"}
+
+
+def test_a_slow_probe_delays_only_health(start: StartFake) -> None:
+    port = start(env={"FAKE_LLAMA_SLOW_PROBE_SECONDS": "0.2"}).listening()
+    began = time.monotonic()
+    assert get(port, "/health").status_code == 200
+    assert time.monotonic() - began >= 0.2
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(url(port, "/health"), timeout=httpx.Timeout(WAIT, read=0.1))
+    assert get(port, "/v1/models", timeout=httpx.Timeout(WAIT, read=0.15)).status_code == 200
+
+
+def test_the_server_crashes_after_n_answered_requests(start: StartFake) -> None:
+    fake = start(env={"FAKE_LLAMA_CRASH_AFTER": "2"})
+    port = fake.listening()
+    assert get(port, "/health").status_code == 200
+    assert chat(port, "last words").status_code == 200
+    assert fake.exit_code() == CRASH_EXIT_CODE
+    assert fake.lines[-1] == "fake: crashing after 2 answered requests"
+
+
+def test_crash_after_from_the_control_file_counts_from_when_it_is_set(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    fake = start(env={"FAKE_LLAMA_CONTROL": str(control)})
+    port = fake.listening()
+    for _ in range(3):
+        assert get(port, "/health").status_code == 200
+    write_control(control, crash_after=1)
+    assert get(port, "/health").status_code == 200
+    assert fake.exit_code() == CRASH_EXIT_CODE
+
+
+def test_exit_now_in_the_control_file_ends_the_server_at_once(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    fake = start(env={"FAKE_LLAMA_CONTROL": str(control)})
+    fake.listening()
+    write_control(control, exit_now=5)
+    assert fake.exit_code() == 5
+
+
+def test_sigterm_once_loaded_is_a_clean_exit_with_the_real_shutdown_line(start: StartFake) -> None:
+    fake = start()
+    fake.listening()
+    os.killpg(fake.proc.pid, signal.SIGTERM)
+    assert fake.exit_code() == 0
+    assert fake.lines[-1].endswith("I srv    operator(): operator(): cleaning up before exit...")
+
+
+def test_sigterm_while_loading_kills_as_it_does_the_real_server(start: StartFake) -> None:
+    fake = start(env={"FAKE_LLAMA_NEVER_READY": "1"})
+    fake.bound_port()
+    os.killpg(fake.proc.pid, signal.SIGTERM)
+    assert fake.exit_code() == -signal.SIGTERM
+
+
+def test_an_ignored_sigterm_leaves_server_and_grandchild_to_sigkill_on_the_group(
+    start: StartFake,
+) -> None:
+    fake = start(env={"FAKE_LLAMA_IGNORE_SIGTERM": "1", "FAKE_LLAMA_GRANDCHILD": "1"})
+    port = fake.listening()
+    grandchild = psutil.Process(int(fake.wait_for(r"^fake: grandchild pid (\d+)$").group(1)))
+    assert os.getpgid(grandchild.pid) == fake.proc.pid
+    assert grandchild.ppid() == fake.proc.pid
+    os.killpg(fake.proc.pid, signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        fake.proc.wait(0.3)
+    assert get(port, "/health").status_code == 200
+    assert grandchild.is_running()
+    os.killpg(fake.proc.pid, signal.SIGKILL)
+    assert fake.exit_code() == -signal.SIGKILL
+    assert wait_gone(grandchild.pid)
+
+
+def test_the_grandchild_outlives_its_parent_killed_alone(start: StartFake) -> None:
+    fake = start(env={"FAKE_LLAMA_GRANDCHILD": "1"})
+    fake.listening()
+    grandchild = psutil.Process(int(fake.wait_for(r"^fake: grandchild pid (\d+)$").group(1)))
+    os.kill(fake.proc.pid, signal.SIGKILL)
+    assert fake.proc.wait(WAIT) == -signal.SIGKILL
+    assert grandchild.is_running()
+    assert grandchild.status() != psutil.STATUS_ZOMBIE
+    assert os.getpgid(grandchild.pid) == fake.proc.pid
+    os.killpg(fake.proc.pid, signal.SIGKILL)
+    assert wait_gone(grandchild.pid)
+
+
+# -- the control helper -------------------------------------------------------------
+
+
+def test_write_control_merges_removes_and_replaces_the_file_atomically(tmp_path: Path) -> None:
+    control = tmp_path / "control.json"
+    assert write_control(control, health="degraded", hang=True) == {
+        "health": "degraded",
+        "hang": True,
+    }
+    inode = control.stat().st_ino
+    assert write_control(control, hang=None, crash_after=3) == {
+        "health": "degraded",
+        "crash_after": 3,
+    }
+    assert json.loads(control.read_text()) == {"health": "degraded", "crash_after": 3}
+    assert control.stat().st_ino != inode
+    assert [p.name for p in tmp_path.iterdir()] == ["control.json"]
