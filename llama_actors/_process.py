@@ -50,6 +50,7 @@ LineCallback = Callable[[str], None]
 ExitCallback = Callable[["ProcessExit"], None]
 
 TAIL_LINES = 200
+EXIT_TAIL_LINES = 40  # lines kept on a ProcessExit, enough to show why it ended
 _READ_SIZE = 65536
 _MAX_LINE = 64 * 1024
 # After the leader exits, how long its pipes may stay open (a grandchild that left the
@@ -573,7 +574,7 @@ class ServerProcess:
     def _report(self, attempt: _Attempt, returncode: int) -> None:
         status, code, signame = _exit_status(returncode)
         with self._cond:
-            tail = tuple(self._tail)[-40:]
+            tail = tuple(self._tail)[-EXIT_TAIL_LINES:]
             report = ProcessExit(
                 pid=attempt.popen.pid,
                 status=status,

@@ -503,3 +503,17 @@ def test_a_log_path_that_cannot_be_written_is_a_spawn_error_naming_it(
     blocker.write_text("")
     with pytest.raises(SpawnError, match=r"not-a-folder.*check that the folder exists"):
         ServerProcess.start(plan_for(["/bin/true"]), log_path=blocker / "server.log")
+
+
+def test_a_grandchild_that_left_the_group_holding_the_pipes_cannot_hang_the_exit(
+    plan_for: PlanFor, started: list[ServerProcess]
+) -> None:
+    # setsid puts the sleeper in a session of its own, out of reach of the group kill,
+    # while it keeps the server's stdout and stderr open.
+    process = start(started, plan_for(["/bin/sh", "-c", "setsid sleep 300 & echo $!; exit 5"]))
+    try:
+        ended = process.wait(timeout=10)
+        assert (ended.status, ended.code) == ("exit_code", 5)
+    finally:
+        escaped = int(process.tail(1)[0])
+        os.kill(escaped, signal.SIGKILL)  # we started it; nothing else will end it
