@@ -11,6 +11,7 @@ process dies, and the ledger (``_ledger.py``) lets a later owner reap what escap
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import logging
@@ -22,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TextIO
@@ -109,6 +111,18 @@ def _exit_status(returncode: int) -> tuple[ExitStatus, int | None, str | None]:
     except ValueError:
         name = f"signal {-returncode}"
     return "signal", None, name
+
+
+# Servers still running, so that a normal interpreter exit stops them gracefully
+# (SIGTERM first); the lifeline guard covers every other way this process can end.
+_live: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for process in list(_live):
+        with contextlib.suppress(Exception):
+            process.stop()
 
 
 class _Attempt:
@@ -212,6 +226,7 @@ class ServerProcess:
         except BaseException:
             process._cleanup_files()
             raise
+        _live.add(process)
         threading.Thread(
             target=process._watch,
             args=(attempt,),
@@ -423,7 +438,7 @@ class ServerProcess:
                 try:
                     attempt = self._spawn()
                     continue
-                except LlamaActorsError as exc:
+                except (LlamaActorsError, OSError) as exc:
                     log.warning("retry after a port clash failed: %s", exc)
             self._report(attempt, returncode)
             return
@@ -590,6 +605,7 @@ class ServerProcess:
         with self._cond:
             self._exit = report
             self._cond.notify_all()
+        _live.discard(self)
         if report.requested:
             log.info("%s", report.describe())
         else:

@@ -197,3 +197,25 @@ def test_the_reap_command_lists_then_stops_what_a_dead_owner_left_behind(
     assert wait_gone([*servers, info["grandchild"]], timeout=5) == []
     assert main(["reap"]) == 0
     assert "no servers left behind" in capsys.readouterr().out
+
+
+def test_servers_left_running_at_a_normal_interpreter_exit_get_a_graceful_stop(
+    tmp_path: Path,
+) -> None:
+    script = (
+        "import sys\n"
+        "from llama_actors.testing.fake import start_fake\n"
+        "fake = start_fake(sys.argv[1])\n"
+        "print(fake.process.pid, flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    server = int(done.stdout.split()[0])
+    assert wait_gone([server], timeout=5) == []
+    log = (tmp_path / "server.log").read_text()
+    assert "cleaning up before exit" in log  # SIGTERM, not the guard's SIGKILL
