@@ -323,7 +323,7 @@ class ServerProcess:
 
     @property
     def port(self) -> int | None:
-        """The port the server listens on, once known."""
+        """The server's port: given or reserved at spawn, or read from its log."""
         return self._port
 
     @property
@@ -347,7 +347,11 @@ class ServerProcess:
         return lines[-n:] if n > 0 else []
 
     def wait_port(self, timeout: float | None) -> int:
-        """Wait until the bound port is known and return it.
+        """Wait until the port is known and return it.
+
+        A fixed or reserved port is known at once (the server may not listen yet); with
+        ``--port 0`` it is known when the server logs ``listening on``, which current
+        llama-server does only once its model is loaded. Readiness is the runtime's job.
 
         Raises :class:`ServerExitedError` if the server exits first and
         :class:`WaitTimeoutError` when ``timeout`` seconds pass (the server keeps running).
