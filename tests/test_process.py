@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -94,7 +94,7 @@ def python(code: str) -> list[str]:
 
 
 @pytest.fixture
-def started() -> list[ServerProcess]:
+def started() -> Iterator[list[ServerProcess]]:
     """Processes a test starts; stopped at the end whatever happened."""
     processes: list[ServerProcess] = []
     yield processes
