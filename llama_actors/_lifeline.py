@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import IO
 
 __all__ = ["Lifeline", "lifeline"]
+
+log = logging.getLogger("llama_actors.process")
 
 _GUARD = str(Path(__file__).with_name("_guard.py"))
 _GUARD_EXIT_WAIT = 2.0
@@ -79,7 +82,12 @@ class Lifeline:
                 start_new_session=True,
                 close_fds=True,
             )
-        except OSError:
+        except OSError as exc:
+            log.warning(
+                "cannot start the lifeline guard (%s): servers started now outlive this "
+                "process if it is killed; `llama-actors reap` stops them later",
+                exc,
+            )
             return None
         self._guard = guard
         with contextlib.suppress(OSError, ValueError):

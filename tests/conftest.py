@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from llama_actors import ServerProcess
 from llama_actors.testing import help_samples
 
 from ._helpers import FakeBinary
 
 pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def started() -> Iterator[list[ServerProcess]]:
+    """Server processes a test starts; each is stopped when the test ends, whatever
+    happened (the test appends them)."""
+    processes: list[ServerProcess] = []
+    yield processes
+    for process in processes:
+        process.stop(timeout=5)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -91,15 +91,6 @@ class Lines:
 
 def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
-
-
-@pytest.fixture
-def started() -> Iterator[list[ServerProcess]]:
-    """Processes a test starts; stopped at the end whatever happened."""
-    processes: list[ServerProcess] = []
-    yield processes
-    for process in processes:
-        process.stop(timeout=1.0)
 
 
 def start(started: list[ServerProcess], plan: LaunchPlan, **kwargs: object) -> ServerProcess:

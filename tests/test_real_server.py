@@ -152,16 +152,8 @@ def test_port_auto_makes_the_real_server_bind_and_report_a_free_port(
 # -- the process seam on the real server --------------------------------------------
 
 
-@pytest.fixture
-def processes() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for process in started:
-        process.stop(timeout=5)
-
-
 def test_the_real_server_starts_on_port_zero_answers_a_chat_with_its_key_and_stops_cleanly(
-    gemma_model: str, processes: list[ServerProcess]
+    gemma_model: str, started: list[ServerProcess]
 ) -> None:
     spec = boot_spec(
         {"model": gemma_model, "ctx_size": 512, "threads": 2, "api_key": "sk-real-secret"}
@@ -169,7 +161,7 @@ def test_the_real_server_starts_on_port_zero_answers_a_chat_with_its_key_and_sto
     plan = render_command(spec)
     assert plan.port_mode == "bind_zero"
     process = ServerProcess.start(plan)
-    processes.append(process)
+    started.append(process)
     port = process.wait_port(timeout=120)
     urls = spec.urls(port)
     # This build logs "listening on" once the model is loaded, so it is ready now.
@@ -194,12 +186,12 @@ def test_the_real_server_starts_on_port_zero_answers_a_chat_with_its_key_and_sto
 
 
 def test_a_file_that_is_not_a_model_makes_the_real_server_fail_without_retry(
-    tmp_path: Path, processes: list[ServerProcess]
+    tmp_path: Path, started: list[ServerProcess]
 ) -> None:
     notes = tmp_path / "notes.gguf"
     notes.write_text("these are notes, not a model\n")
     process = ServerProcess.start(render_command(boot_spec({"model": str(notes)})))
-    processes.append(process)
+    started.append(process)
     ended = process.wait(timeout=60)
     assert ended.status == "exit_code"
     assert ended.failure == "model_invalid"
@@ -210,12 +202,12 @@ def test_a_file_that_is_not_a_model_makes_the_real_server_fail_without_retry(
 
 
 def test_an_argument_the_real_server_rejects_is_classified_as_unknown_argument(
-    model_file: Path, processes: list[ServerProcess]
+    model_file: Path, started: list[ServerProcess]
 ) -> None:
     plan = render_command(boot_spec({"model": str(model_file)}))
     plan = msgspec.structs.replace(plan, argv=(*plan.argv, "--no-such-flag"))
     process = ServerProcess.start(plan)
-    processes.append(process)
+    started.append(process)
     ended = process.wait(timeout=60)
     assert (ended.status, ended.failure) == ("exit_code", "unknown_argument")
     assert "error: invalid argument: --no-such-flag" in ended.tail
