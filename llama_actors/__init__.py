@@ -1,5 +1,6 @@
 """llama_actors: llama.cpp's llama-server as supervised actors behind leased endpoints."""
 
+from llama_actors import signals
 from llama_actors._binary import (
     FlagInfo,
     ServerBinary,
@@ -15,6 +16,7 @@ from llama_actors._boot_spec import (
     PortNotBoundError,
     boot_spec,
 )
+from llama_actors._clock import ManualTimers, Scheduler, Timers
 from llama_actors._config import Config, load_config, parse_config
 from llama_actors._exceptions import (
     BinaryError,
@@ -22,9 +24,18 @@ from llama_actors._exceptions import (
     BinaryProbeError,
     BootSpecError,
     IncompatibleError,
+    InstanceError,
+    InstanceFailedError,
+    InstanceNotFoundError,
+    LeaseError,
+    LeaseExpiredError,
+    LeaseNotFoundError,
     LlamaActorsError,
     ModelFileError,
+    NotReadyError,
     PortInUseError,
+    ReadinessTimeoutError,
+    RuntimeClosedError,
     ServerExitedError,
     SpawnError,
     UnsupportedFlagError,
@@ -40,11 +51,22 @@ from llama_actors._manifest import (
     compatibility,
     llama_manifest,
 )
+from llama_actors._messages import Replied
+from llama_actors._policy import InstancePolicy, RestartDecision, RestartPolicy, RestartTracker
 from llama_actors._process import ProcessExit, ServerProcess
 from llama_actors._render import LaunchPlan, PrivateFile, check_model_file, render_command
+from llama_actors._runtime import Runtime
 from llama_actors._secret import Secret
 from llama_actors._state import default_state_dir
-from llama_actors._types import EndpointDescriptor, Health, InstanceState, Lease, RuntimeSnapshot
+from llama_actors._supervisor import Supervisor
+from llama_actors._types import (
+    EndpointDescriptor,
+    Health,
+    InstanceState,
+    Lease,
+    Resolution,
+    RuntimeSnapshot,
+)
 
 __version__ = "0.1.0"
 
@@ -65,24 +87,44 @@ __all__ = [
     "FlagInfo",
     "Health",
     "IncompatibleError",
+    "InstanceError",
+    "InstanceFailedError",
+    "InstanceNotFoundError",
+    "InstancePolicy",
     "InstanceState",
     "LaunchPlan",
     "Lease",
+    "LeaseError",
+    "LeaseExpiredError",
+    "LeaseNotFoundError",
     "Ledger",
     "LedgerEntry",
     "LlamaActorsError",
     "ManifestError",
+    "ManualTimers",
     "ModelFileError",
+    "NotReadyError",
     "PortInUseError",
     "PortNotBoundError",
     "PrivateFile",
     "ProcessExit",
+    "ReadinessTimeoutError",
+    "Replied",
+    "Resolution",
+    "RestartDecision",
+    "RestartPolicy",
+    "RestartTracker",
+    "Runtime",
+    "RuntimeClosedError",
     "RuntimeSnapshot",
+    "Scheduler",
     "Secret",
     "ServerBinary",
     "ServerExitedError",
     "ServerProcess",
     "SpawnError",
+    "Supervisor",
+    "Timers",
     "UnsupportedFlagError",
     "WaitTimeoutError",
     "boot_spec",
@@ -99,4 +141,5 @@ __all__ = [
     "parse_version",
     "probe_binary",
     "render_command",
+    "signals",
 ]

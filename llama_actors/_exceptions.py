@@ -14,6 +14,15 @@ wrong, with which value (secrets masked), and what to do about it::
     ├── SpawnError               the operating system refused to start the server
     ├── PortInUseError           an explicit port is held by another program
     ├── ServerExitedError        the server exited while something waited on it
+    ├── ReadinessTimeoutError    a server stopped showing progress before it was ready
+    ├── InstanceError            about one instance of a runtime (``instance_id``)
+    │   ├── InstanceNotFoundError  no instance with that id in this runtime
+    │   ├── NotReadyError          not ready, or draining, so it cannot serve this call
+    │   └── InstanceFailedError    supervision gave up on it (``reason`` says why)
+    ├── LeaseError               about one lease (``lease_ref``)
+    │   ├── LeaseNotFoundError     unknown, released, or ended with its instance
+    │   └── LeaseExpiredError      its TTL ran out before it was renewed
+    ├── RuntimeClosedError       the runtime was closed
     └── WaitTimeoutError         a wait ran out of time (also a ``TimeoutError``)
 """
 
@@ -31,9 +40,18 @@ __all__ = [
     "BinaryProbeError",
     "BootSpecError",
     "IncompatibleError",
+    "InstanceError",
+    "InstanceFailedError",
+    "InstanceNotFoundError",
+    "LeaseError",
+    "LeaseExpiredError",
+    "LeaseNotFoundError",
     "LlamaActorsError",
     "ModelFileError",
+    "NotReadyError",
     "PortInUseError",
+    "ReadinessTimeoutError",
+    "RuntimeClosedError",
     "ServerExitedError",
     "SpawnError",
     "UnsupportedFlagError",
@@ -153,6 +171,64 @@ class ServerExitedError(LlamaActorsError):
     def __init__(self, message: str, exit: ProcessExit) -> None:
         self.exit = exit
         super().__init__(message)
+
+
+class ReadinessTimeoutError(LlamaActorsError):
+    """A server did not become ready: no load progress for the stall deadline (the
+    spec's ``ready_timeout_ms``) or past the hard ceiling. ``tail`` is its last output."""
+
+    def __init__(self, message: str, *, instance_id: str, tail: tuple[str, ...] = ()) -> None:
+        self.instance_id = instance_id
+        self.tail = tail
+        super().__init__(message)
+
+
+class InstanceError(LlamaActorsError):
+    """Something about one instance of a runtime; ``instance_id`` names it."""
+
+    def __init__(self, message: str, *, instance_id: str) -> None:
+        self.instance_id = instance_id
+        super().__init__(message)
+
+
+class InstanceNotFoundError(InstanceError):
+    """No instance with that id in this runtime (never started, or forgotten)."""
+
+
+class NotReadyError(InstanceError):
+    """The instance exists but cannot serve this call now (starting, draining, stopped)."""
+
+
+class InstanceFailedError(InstanceError):
+    """Supervision gave up on the instance; ``reason`` says why (and ``exit`` how its
+    server last ended, when it did)."""
+
+    def __init__(
+        self, message: str, *, instance_id: str, reason: str, exit: ProcessExit | None = None
+    ) -> None:
+        self.reason = reason
+        self.exit = exit
+        super().__init__(message, instance_id=instance_id)
+
+
+class LeaseError(LlamaActorsError):
+    """Something about one lease; ``lease_ref`` names it."""
+
+    def __init__(self, message: str, *, lease_ref: str) -> None:
+        self.lease_ref = lease_ref
+        super().__init__(message)
+
+
+class LeaseNotFoundError(LeaseError):
+    """No live lease with that ref: unknown, released, or ended with its instance."""
+
+
+class LeaseExpiredError(LeaseError):
+    """The lease's TTL ran out before it was renewed; it is gone."""
+
+
+class RuntimeClosedError(LlamaActorsError):
+    """The runtime was closed; make a new one."""
 
 
 class WaitTimeoutError(LlamaActorsError, TimeoutError):

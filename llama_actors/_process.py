@@ -401,6 +401,22 @@ class ServerProcess:
             "(stuck in the kernel?); check it with `ps -o stat= -p PID`"
         )
 
+    def terminate(self) -> None:
+        """Send SIGTERM to the group and return at once (a stop that does not wait).
+
+        The exit is reported as requested. Pair it with :meth:`kill` after a grace
+        period; :meth:`stop` does both and waits.
+        """
+        with self._cond:
+            self._stop_requested = True
+            self._signal_group(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Send SIGKILL to the group and return at once; the exit is reported as requested."""
+        with self._cond:
+            self._stop_requested = True
+            self._signal_group(signal.SIGKILL)
+
     def _signal_group(self, sig: signal.Signals) -> None:
         # Called with the condition held: the watcher reaps under it too, so an
         # unreaped leader (alive or zombie) keeps the group id ours while we signal.

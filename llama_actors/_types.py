@@ -10,7 +10,14 @@ from llama_actors._boot_spec import BootSpec
 from llama_actors._manifest import CONTRACT_VERSION, CompatibilityResult, llama_manifest
 from llama_actors._secret import MASK
 
-__all__ = ["EndpointDescriptor", "Health", "InstanceState", "Lease", "RuntimeSnapshot"]
+__all__ = [
+    "EndpointDescriptor",
+    "Health",
+    "InstanceState",
+    "Lease",
+    "Resolution",
+    "RuntimeSnapshot",
+]
 
 InstanceState = Literal["starting", "ready", "stopping", "stopped", "failed"]
 Health = Literal["unknown", "healthy", "degraded", "unavailable"]
@@ -116,3 +123,17 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     uptime_s: float | None = None
     log_path: str | None = None
     last_error: str | None = None
+
+
+class Resolution(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``resolve_endpoint`` gives: a leased endpoint and where it came from.
+
+    ``endpoint`` is the published descriptor with ``lease_ref`` set; ``reused`` is True
+    when the instance was already running (or starting) for an earlier caller.
+    """
+
+    endpoint: EndpointDescriptor
+    lease: Lease
+    instance: RuntimeSnapshot
+    compatibility: CompatibilityResult
+    reused: bool

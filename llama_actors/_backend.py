@@ -1,0 +1,470 @@
+"""BackendActor: one per instance. Owns the server process and the instance's state
+machine ``starting -> ready -> stopping -> stopped`` (``failed`` when it gives up).
+
+It never blocks its thread longer than one probe timeout: readiness is a series of
+scheduled ticks, a stop is SIGTERM now and a scheduled SIGKILL later, and the process
+seam's callbacks only hand messages to this actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import msgspec
+import pykka
+
+from llama_actors._boot_spec import BootSpec
+from llama_actors._clock import TimerHandle
+from llama_actors._context import Context, tell, tell_later
+from llama_actors._exceptions import (
+    InstanceFailedError,
+    LlamaActorsError,
+    PortInUseError,
+    ReadinessTimeoutError,
+    ServerExitedError,
+)
+from llama_actors._messages import (
+    Boot,
+    HealthReport,
+    InstanceFailed,
+    InstanceReady,
+    InstanceStopped,
+    KillDeadline,
+    Message,
+    Pause,
+    PortKnown,
+    ProcessExited,
+    ReadinessTick,
+    Respawn,
+    StopInstance,
+    Watch,
+    WedgeCheck,
+)
+from llama_actors._policy import InstancePolicy, RestartTracker
+from llama_actors._process import ProcessExit, ServerProcess
+from llama_actors._readiness import StallDeadline, probe_ready
+from llama_actors._render import LaunchPlan, render_command
+from llama_actors._signals import (
+    emit,
+    health_changed,
+    instance_failed,
+    instance_ready,
+    instance_restarting,
+    instance_starting,
+    instance_stopped,
+)
+from llama_actors._types import EndpointDescriptor, Health, InstanceState
+
+__all__ = ["BackendActor"]
+
+log = logging.getLogger("llama_actors.runtime")
+_KILL_GRACE_S = 5.0
+
+
+class BackendActor(pykka.ThreadingActor):
+    """Runs one llama-server instance; see the module docstring."""
+
+    use_daemon_thread = True  # a forgotten Runtime must not hang interpreter exit
+
+    def __init__(
+        self, *, instance_id: str, spec: BootSpec, policy: InstancePolicy, context: Context
+    ) -> None:
+        super().__init__()
+        self.instance_id = instance_id
+        self.spec = spec
+        self.policy = policy
+        self.ctx = context
+        self.state: InstanceState = "starting"
+        self.health: Health = "unknown"
+        self.process: ServerProcess | None = None
+        self.generation = 0
+        self.ever_ready = False
+        self.endpoint: EndpointDescriptor | None = None
+        self.stop_reason: str | None = None
+        self.fail_reason: str | None = None
+        self.kill_reason: str | None = None
+        self.restarts = RestartTracker(policy.restart, context.rng)
+        self._plan: LaunchPlan | None = None
+        self._last_port: int | None = None
+        self._deadline: StallDeadline | None = None
+        self._last_output = 0.0
+        self._last_probe = "no probe yet"
+        self._spawned_at = 0.0
+        self._tick: TimerHandle | None = None
+        self._kill: TimerHandle | None = None
+        self._respawn_token = 0
+        self._wedge_token = 0
+        self._poller: pykka.ActorRef[Any] | None = None
+
+    # -- pykka hooks ------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.ctx.register_thread()
+
+    def on_stop(self) -> None:
+        self._cleanup()
+
+    def on_failure(self, *_exc_info: object) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for handle in (self._tick, self._kill):
+            if handle is not None:
+                handle.cancel()
+        if self._poller is not None:
+            self._poller.stop(block=False)
+            self._poller = None
+        if self.process is not None and self.process.exit is None:
+            log.warning(
+                "instance %s: actor stopping with its server alive; killing it", self.instance_id
+            )
+            self.process.kill()
+
+    def on_receive(self, message: Any) -> Any:
+        try:
+            self._dispatch(message)
+        except Exception as exc:  # a bug here must not leave a server unsupervised
+            log.exception("instance %s: internal error handling %r", self.instance_id, message)
+            self._give_up(f"internal error: {type(exc).__name__}: {exc}", exc)
+        return None
+
+    def _dispatch(self, message: Message) -> None:
+        match message:
+            case Boot():
+                self._spawn(attempt=0)
+            case ReadinessTick(generation=gen) | PortKnown(generation=gen):
+                if gen == self.generation:
+                    self._readiness_tick()
+            case ProcessExited(generation=gen, exit=report):
+                if gen == self.generation:
+                    self._exited(report)
+            case HealthReport(generation=gen, new=new, reason=reason):
+                if gen == self.generation and self.state == "ready":
+                    self._set_health(new, reason)
+            case WedgeCheck(generation=gen, token=token):
+                if gen == self.generation and token == self._wedge_token:
+                    self._wedge_check()
+            case Respawn(token=token):
+                if token == self._respawn_token and self.state == "starting":
+                    self._spawn(attempt=self.restarts.total)
+            case StopInstance(reason=reason):
+                self._begin_stop(reason)
+            case KillDeadline(generation=gen):
+                if (
+                    gen == self.generation
+                    and self.process is not None
+                    and self.process.exit is None
+                ):
+                    log.warning(
+                        "instance %s: server pid %s ignored SIGTERM; sending SIGKILL",
+                        self.instance_id,
+                        self.process.pid,
+                    )
+                    self.process.kill()
+            case _:
+                log.warning("instance %s: unexpected message %r", self.instance_id, message)
+
+    # -- spawning and readiness -----------------------------------------------------------
+
+    def _spawn(self, attempt: int) -> None:
+        self.generation += 1
+        gen = self.generation
+        self.kill_reason = None
+        try:
+            if self._plan is None:
+                self._plan = render_command(self.spec)
+            self.process = self._start(self._plan, gen)
+        except LlamaActorsError as exc:
+            self._give_up(str(exc), exc)
+            return
+        now = self.ctx.timers.now()
+        self._spawned_at = now
+        self._last_output = now
+        self._deadline = StallDeadline(
+            now, self.spec.ready_timeout_ms / 1000, self.policy.ready_ceiling_ms / 1000
+        )
+        self._last_probe = "no probe yet"
+        self._set_state("starting", pid=self.process.pid)
+        emit(instance_starting, self.instance_id, attempt=attempt, pid=self.process.pid)
+        self._schedule_tick(self.spec.readiness_interval_ms / 1000)
+
+    def _start(self, plan: LaunchPlan, gen: int) -> ServerProcess:
+        me = self.actor_ref
+        timers = self.ctx.timers
+
+        def on_line(line: str) -> None:
+            self._last_output = timers.now()  # progress: read by the next readiness tick
+            if "listening on" in line:
+                tell(me, PortKnown(generation=gen))
+
+        def on_exit(report: ProcessExit) -> None:
+            tell(me, ProcessExited(generation=gen, exit=report))
+
+        kwargs: dict[str, Any] = {
+            "log_path": self.ctx.log_path(self.instance_id),
+            "on_line": on_line,
+            "on_exit": on_exit,
+            "state_dir": self.ctx.state_dir,
+        }
+        if self._last_port is not None and plan.port_mode != "fixed":
+            # A restart keeps the port its lease holders know, when it is still free.
+            pinned = msgspec.structs.replace(self.spec, port=self._last_port)
+            try:
+                return ServerProcess.start(render_command(pinned, plan.binary), **kwargs)
+            except PortInUseError:
+                log.info(
+                    "instance %s: port %s is taken; restarting on a new port",
+                    self.instance_id,
+                    self._last_port,
+                )
+        return ServerProcess.start(plan, **kwargs)
+
+    def _schedule_tick(self, delay: float) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+        self._tick = tell_later(
+            self.ctx.timers, delay, self.actor_ref, ReadinessTick(generation=self.generation)
+        )
+
+    def _readiness_tick(self) -> None:
+        process, deadline = self.process, self._deadline
+        if (
+            self.state != "starting"
+            or process is None
+            or deadline is None
+            or process.exit is not None
+        ):
+            return
+        deadline.progress(self._last_output)
+        port = process.port
+        if port is not None:
+            urls = self.spec.urls(port)
+            probe = probe_ready(
+                self.ctx.client,
+                self.spec.host,
+                port,
+                urls.health_url,
+                urls.base_url + "/models",
+                self.spec.headers,
+                timeout_s=self.policy.probe_timeout_ms / 1000,
+            )
+            if probe.result == "ready":
+                self._ready(port)
+                return
+            if probe.result == "loading":
+                deadline.progress(self.ctx.timers.now())
+            self._last_probe = probe.detail
+        else:
+            self._last_probe = "port not known yet (the server logs it once its model is loaded)"
+        why = deadline.expired(self.ctx.timers.now())
+        if why is None:
+            self._schedule_tick(self.spec.readiness_interval_ms / 1000)
+            return
+        message = (
+            f"instance {self.instance_id} ({self.spec.alias}) is not ready: {why}; last probe: "
+            f"{self._last_probe}; last output: {_tail(process)}. Raise ready_timeout_ms if the "
+            "model loads silently for longer"
+        )
+        error = ReadinessTimeoutError(
+            message, instance_id=self.instance_id, tail=tuple(process.tail(20))
+        )
+        self.kill_reason = why
+        if self.ever_ready:
+            # A restart that does not come up counts as another crash.
+            self._terminate()
+        else:
+            self._give_up(message, error)
+
+    def _ready(self, port: int) -> None:
+        if self.process is None or self._plan is None:
+            return
+        self._last_port = port
+        first = not self.ever_ready
+        self.ever_ready = True
+        self.endpoint = EndpointDescriptor.for_instance(
+            self.spec, instance_id=self.instance_id, bound_port=port, binary=self._plan.binary.path
+        )
+        now = self.ctx.timers.now()
+        self._set_state(
+            "ready",
+            port=port,
+            pid=self.process.pid,
+            ready_since=time.monotonic(),
+            endpoint=self.endpoint,
+            last_error=None,
+        )
+        if self._poller is None:
+            from llama_actors._poller import HealthPoller
+
+            self._poller = HealthPoller.start(
+                instance_id=self.instance_id,
+                backend=self.actor_ref,
+                spec=self.spec,
+                policy=self.policy,
+                context=self.ctx,
+            )
+        emit(
+            instance_ready,
+            self.instance_id,
+            endpoint=self.endpoint,
+            pid=self.process.pid,
+            port=port,
+            elapsed_s=round(now - self._spawned_at, 6),
+        )
+        self._set_health("healthy", "ready" if first else "ready again after a restart")
+        tell(self._poller, Watch(generation=self.generation, port=port))
+        tell(
+            self.ctx.supervisor, InstanceReady(instance_id=self.instance_id, endpoint=self.endpoint)
+        )
+
+    # -- after ready --------------------------------------------------------------------
+
+    def _set_health(self, new: Health, reason: str) -> None:
+        if new == self.health:
+            return
+        old, self.health = self.health, new
+        self.ctx.board.update(self.instance_id, health=new)
+        log.info("instance %s: health %s -> %s (%s)", self.instance_id, old, new, reason)
+        emit(health_changed, self.instance_id, old=old, new=new, reason=reason)
+        if (
+            new == "unavailable"
+            and self.state == "ready"
+            and self.policy.wedged_restart_ms is not None
+        ):
+            self._wedge_token += 1
+            tell_later(
+                self.ctx.timers,
+                self.policy.wedged_restart_ms / 1000,
+                self.actor_ref,
+                WedgeCheck(generation=self.generation, token=self._wedge_token),
+            )
+        elif new != "unavailable":
+            self._wedge_token += 1
+
+    def _wedge_check(self) -> None:
+        wedged_ms = self.policy.wedged_restart_ms
+        if self.state != "ready" or self.health != "unavailable" or self.process is None:
+            return
+        self.kill_reason = (
+            f"unavailable for {(wedged_ms or 0) / 1000:g}s with the process alive "
+            "(wedged); killed to restart it"
+        )
+        log.warning("instance %s: %s", self.instance_id, self.kill_reason)
+        self.process.kill()
+
+    def _exited(self, report: ProcessExit) -> None:
+        if self._kill is not None:
+            self._kill.cancel()
+        tell(self._poller, Pause(generation=self.generation))
+        self.ctx.board.update(self.instance_id, pid=None)
+        if self.stop_reason is not None:
+            self._stopped(report)
+            return
+        if self.state == "failed":
+            return
+        why = self.kill_reason or report.describe()
+        if not self.ever_ready:
+            message = (
+                f"instance {self.instance_id} ({self.spec.alias}): {report.describe()} before it "
+                f"was ready; last output: {' | '.join(report.tail[-5:]) or '(nothing)'}"
+            )
+            self._give_up(message, ServerExitedError(message, report), report)
+            return
+        self._set_health("unavailable", f"process exited: {why}")
+        if not report.retryable:
+            message = (
+                f"instance {self.instance_id}: {report.describe()}; {report.failure} is not "
+                "retryable, so it is not restarted"
+            )
+            self._give_up(message, ServerExitedError(message, report), report)
+            return
+        decision = self.restarts.decide(self.ctx.timers.now())
+        if not decision.restart:
+            message = f"instance {self.instance_id}: {decision.reason}; last exit: {why}"
+            error = InstanceFailedError(
+                message, instance_id=self.instance_id, reason=decision.reason, exit=report
+            )
+            self._give_up(message, error, report)
+            return
+        self._respawn_token += 1
+        self._set_state("starting", restart_count=self.restarts.total, last_error=why)
+        emit(
+            instance_restarting,
+            self.instance_id,
+            attempt=decision.attempt,
+            delay_s=decision.delay_s,
+            reason=why,
+        )
+        log.warning(
+            "instance %s: restarting in %.2fs (%s) after: %s",
+            self.instance_id,
+            decision.delay_s,
+            decision.reason,
+            why,
+        )
+        tell_later(
+            self.ctx.timers, decision.delay_s, self.actor_ref, Respawn(token=self._respawn_token)
+        )
+
+    # -- stopping and giving up -----------------------------------------------------------
+
+    def _begin_stop(self, reason: str) -> None:
+        if self.stop_reason is not None or self.state == "stopped":
+            return
+        self.stop_reason = reason
+        self._respawn_token += 1
+        if self._tick is not None:
+            self._tick.cancel()
+        if self.state != "failed":
+            self._set_state("stopping")
+        if self.process is not None and self.process.exit is None:
+            self._terminate()
+        else:
+            self._stopped(self.process.exit if self.process is not None else None)
+
+    def _terminate(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        grace = self.spec.stop_timeout_ms / 1000
+        self._kill = tell_later(
+            self.ctx.timers, grace, self.actor_ref, KillDeadline(generation=self.generation)
+        )
+
+    def _stopped(self, report: ProcessExit | None) -> None:
+        if self.state != "failed":
+            reason = self.stop_reason or "stopped"
+            self._set_state("stopped", ready_since=None, endpoint=None)
+            if self.health not in ("unknown", "unavailable"):
+                self._set_health("unavailable", f"stopped: {reason}")
+            log.info("instance %s: stopped (%s)", self.instance_id, reason)
+            emit(instance_stopped, self.instance_id, reason=reason, exit=report)
+        tell(self.ctx.supervisor, InstanceStopped(instance_id=self.instance_id))
+
+    def _give_up(
+        self, reason: str, error: BaseException, report: ProcessExit | None = None
+    ) -> None:
+        if self.state == "failed":
+            return
+        self.fail_reason = reason
+        self._respawn_token += 1
+        if self._tick is not None:
+            self._tick.cancel()
+        self._set_state("failed", ready_since=None, endpoint=None, last_error=reason)
+        if self.health not in ("unknown", "unavailable"):
+            self._set_health("unavailable", reason)
+        if self.process is not None and self.process.exit is None:
+            self._terminate()
+        log.error("instance %s failed: %s", self.instance_id, reason)
+        emit(instance_failed, self.instance_id, reason=reason, exit=report)
+        tell(self.ctx.supervisor, InstanceFailed(instance_id=self.instance_id, error=error))
+
+    def _set_state(self, state: InstanceState, **fields: Any) -> None:
+        self.state = state
+        self.ctx.board.update(self.instance_id, state=state, **fields)
+
+
+def _tail(process: ServerProcess) -> str:
+    return " | ".join(process.tail(5)) or "(nothing)"

@@ -1,0 +1,109 @@
+"""The status board: the runtime's read model of every instance.
+
+Each field has one writer (the instance's BackendActor, or the LeaseBroker for lease
+counts); anyone may read. So ``snapshot()`` and ``instances()`` answer at once from
+any thread, even while every actor is busy, and nobody asks an actor for its state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from llama_actors._types import EndpointDescriptor, Health, InstanceState, RuntimeSnapshot
+
+__all__ = ["StatusBoard"]
+
+
+class _Row:
+    __slots__ = (
+        "endpoint",
+        "health",
+        "instance_id",
+        "instance_key",
+        "last_error",
+        "lease_count",
+        "log_path",
+        "pid",
+        "port",
+        "ready_since",
+        "restart_count",
+        "state",
+    )
+
+    def __init__(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
+        self.instance_id = instance_id
+        self.instance_key = instance_key
+        self.state: InstanceState = "starting"
+        self.health: Health = "unknown"
+        self.pid: int | None = None
+        self.port: int | None = None
+        self.lease_count = 0
+        self.restart_count = 0
+        self.ready_since: float | None = None
+        self.log_path = log_path
+        self.last_error: str | None = None
+        self.endpoint: EndpointDescriptor | None = None
+
+
+class StatusBoard:
+    """Thread-safe rows of instance state, turned into frozen snapshots on read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, _Row] = {}
+
+    def add(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
+        with self._lock:
+            self._rows[instance_id] = _Row(instance_id, instance_key, log_path)
+
+    def update(self, instance_id: str, **fields: Any) -> None:
+        with self._lock:
+            row = self._rows.get(instance_id)
+            if row is None:
+                return
+            for name, value in fields.items():
+                setattr(row, name, value)
+
+    def get(self, instance_id: str, field: str) -> Any:
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else getattr(row, field)
+
+    def __contains__(self, instance_id: object) -> bool:
+        with self._lock:
+            return instance_id in self._rows
+
+    def snapshot(self, instance_id: str) -> RuntimeSnapshot | None:
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else self._freeze(row)
+
+    def endpoint(self, instance_id: str) -> EndpointDescriptor | None:
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else row.endpoint
+
+    def all(self) -> list[RuntimeSnapshot]:
+        with self._lock:
+            return [self._freeze(row) for row in self._rows.values()]
+
+    @staticmethod
+    def _freeze(row: _Row) -> RuntimeSnapshot:
+        uptime = None
+        if row.ready_since is not None and row.state == "ready":
+            uptime = round(max(0.0, time.monotonic() - row.ready_since), 3)
+        return RuntimeSnapshot(
+            instance_id=row.instance_id,
+            instance_key=row.instance_key,
+            state=row.state,
+            health=row.health,
+            pid=row.pid,
+            port=row.port,
+            lease_count=row.lease_count,
+            restart_count=row.restart_count,
+            uptime_s=uptime,
+            log_path=row.log_path,
+            last_error=row.last_error,
+        )

@@ -1,0 +1,403 @@
+"""Runtime: the public entry point. It starts the actors, hands out leased endpoints,
+and closing it stops every instance it started and joins every actor thread.
+
+Every call here is synchronous and bounded by a timeout; the same operations are
+available without blocking through :meth:`Runtime.proxy` (a pykka proxy of the
+supervisor actor, whose waiting calls answer to an actor you name).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import random
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import pykka
+
+from llama_actors._board import StatusBoard
+from llama_actors._boot_spec import BootSpec
+from llama_actors._broker import LeaseBroker
+from llama_actors._clock import Scheduler, Timers
+from llama_actors._context import Context, tell
+from llama_actors._exceptions import (
+    InstanceFailedError,
+    InstanceNotFoundError,
+    LlamaActorsError,
+    NotReadyError,
+    RuntimeClosedError,
+    WaitTimeoutError,
+)
+from llama_actors._messages import (
+    CancelRequest,
+    Close,
+    Ensure,
+    ReleaseLease,
+    RenewLease,
+    Resolve,
+    StopRequest,
+)
+from llama_actors._policy import InstancePolicy
+from llama_actors._requests import Consumer, prepare_request, request_id
+from llama_actors._signals import health_changed, instance_failed, instance_stopped
+from llama_actors._state import default_state_dir
+from llama_actors._supervisor import Supervisor
+from llama_actors._types import EndpointDescriptor, Lease, Resolution, RuntimeSnapshot
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("llama_actors.runtime")
+
+DEFAULT_LEASE_TTL_MS = 60_000
+DEFAULT_RESOLVE_TIMEOUT = 120.0
+DEFAULT_ASK_TIMEOUT = 10.0
+_open: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+class Runtime:
+    """Supervised llama-server instances behind leased endpoints.
+
+    ``policy`` is the default :class:`InstancePolicy` (a resolve may pass its own for a
+    new instance); ``lease_ttl_ms`` the default lease TTL; ``timers`` replaces the real
+    clock and scheduler (tests); ``state_dir`` holds the server ledger and logs.
+    """
+
+    def __init__(
+        self,
+        *,
+        state_dir: str | Path | None = None,
+        policy: InstancePolicy | None = None,
+        lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
+        ask_timeout: float = DEFAULT_ASK_TIMEOUT,
+        timers: Timers | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if lease_ttl_ms <= 0:
+            raise ValueError(f"lease_ttl_ms must be > 0 (got {lease_ttl_ms})")
+        self.policy = policy or InstancePolicy()
+        self.lease_ttl_ms = lease_ttl_ms
+        self.ask_timeout = ask_timeout
+        self._scheduler = Scheduler() if timers is None else None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        # trust_env=False: probes go to loopback servers, never through a proxy.
+        client = httpx.Client(
+            trust_env=False,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            timeout=httpx.Timeout(self.policy.probe_timeout_ms / 1000),
+        )
+        self._ctx = Context(
+            timers=timers or self._scheduler,  # type: ignore[arg-type]
+            board=StatusBoard(),
+            client=client,
+            state_dir=Path(state_dir) if state_dir is not None else default_state_dir(),
+            rng=rng or random.Random(),  # noqa: S311 - backoff jitter
+            policy=self.policy,
+            lease_ttl_ms=lease_ttl_ms,
+        )
+        self._ctx.broker = LeaseBroker.start(context=self._ctx)
+        self._ctx.supervisor = Supervisor.start(context=self._ctx)
+        _open.add(self)
+
+    # -- context manager --------------------------------------------------------------
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._ctx.board.all())} instances"
+        return f"<Runtime {state} state_dir={str(self._ctx.state_dir)!r}>"
+
+    # -- resolving ----------------------------------------------------------------------
+
+    def resolve_endpoint(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        policy: InstancePolicy | None = None,
+        timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> Resolution:
+        """Check compatibility, spawn or reuse the instance for ``spec``, wait until it
+        is ready, and lease its endpoint to ``owner_ref`` for ``ttl_ms``.
+
+        Concurrent callers with the same identity share one spawn and one readiness
+        wait. Raises :class:`IncompatibleError` before anything is spawned,
+        :class:`ServerExitedError` or :class:`ReadinessTimeoutError` when the server
+        cannot come up, and :class:`WaitTimeoutError` when ``timeout`` passes (the
+        instance keeps starting for others; nothing is leased to this caller).
+        """
+        self._check_open()
+        spec, result = prepare_request(spec, consumer)
+        ttl = self.lease_ttl_ms if ttl_ms is None else ttl_ms
+        if ttl <= 0:
+            raise ValueError(f"ttl_ms must be > 0 (got {ttl})")
+        rid = request_id()
+        future: pykka.ThreadingFuture[Resolution] = pykka.ThreadingFuture()
+        self._tell(
+            Resolve(
+                request_id=rid,
+                spec=spec,
+                compatibility=result,
+                owner_ref=owner_ref,
+                ttl_ms=ttl,
+                policy=policy or self.policy,
+                reply=future,
+            )
+        )
+        resolution: Resolution = self._wait(
+            future, timeout, rid, f"an endpoint for {spec.alias}", spec
+        )
+        return resolution
+
+    def ensure_instance(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        *,
+        policy: InstancePolicy | None = None,
+        timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> RuntimeSnapshot:
+        """Spawn or reuse the instance for ``spec`` and wait until it is ready, without
+        taking a lease. Returns its snapshot."""
+        self._check_open()
+        spec, _ = prepare_request(spec, None)
+        rid = request_id()
+        future: pykka.ThreadingFuture[RuntimeSnapshot] = pykka.ThreadingFuture()
+        self._tell(Ensure(request_id=rid, spec=spec, policy=policy or self.policy, reply=future))
+        snapshot: RuntimeSnapshot = self._wait(future, timeout, rid, f"instance {spec.alias}", spec)
+        return snapshot
+
+    # -- leases -------------------------------------------------------------------------
+
+    def renew(self, lease_ref: str, ttl_ms: int | None = None) -> Lease:
+        """Extend a live lease to now + ``ttl_ms`` (its own TTL by default).
+
+        Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone.
+        """
+        self._check_open()
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be > 0 (got {ttl_ms})")
+        future: pykka.ThreadingFuture[Lease] = pykka.ThreadingFuture()
+        tell(self._ctx.broker, RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=future))
+        lease: Lease = self._wait(future, self.ask_timeout, None, f"renewing {lease_ref}")
+        return lease
+
+    def release(self, lease_ref: str) -> bool:
+        """End a lease. Idempotent: True if it was live, False if it had already ended."""
+        if self._closed:
+            return False
+        future: pykka.ThreadingFuture[bool] = pykka.ThreadingFuture()
+        tell(self._ctx.broker, ReleaseLease(lease_ref=lease_ref, reply=future))
+        released: bool = self._wait(future, self.ask_timeout, None, f"releasing {lease_ref}")
+        return released
+
+    # -- looking ------------------------------------------------------------------------
+
+    def snapshot(self, instance_id: str) -> RuntimeSnapshot:
+        """A frozen picture of one instance; answers at once from any thread."""
+        snap = self._ctx.board.snapshot(instance_id)
+        if snap is None:
+            raise InstanceNotFoundError(
+                f"no instance {instance_id!r} in this runtime; see Runtime.instances()",
+                instance_id=instance_id,
+            )
+        return snap
+
+    def instances(self) -> list[RuntimeSnapshot]:
+        """Snapshots of every instance this runtime started, stopped and failed ones too."""
+        return self._ctx.board.all()
+
+    def published_endpoint(self, instance_id: str) -> EndpointDescriptor:
+        """The published (lease-less) endpoint of a ready instance."""
+        snap = self.snapshot(instance_id)
+        endpoint = self._ctx.board.endpoint(instance_id)
+        if endpoint is None or snap.state != "ready":
+            raise NotReadyError(
+                f"instance {instance_id} is {snap.state}, so it publishes no endpoint; "
+                "wait for it with wait_healthy() or resolve_endpoint()",
+                instance_id=instance_id,
+            )
+        return endpoint
+
+    def wait_healthy(self, instance_id: str, timeout: float) -> RuntimeSnapshot:
+        """Wait until the instance is ready and healthy; returns its snapshot.
+
+        Raises :class:`InstanceFailedError` if it fails or stops first and
+        :class:`WaitTimeoutError` when ``timeout`` passes.
+        """
+        changed = threading.Event()
+
+        def wake(_sender: object, **_: object) -> None:
+            changed.set()
+
+        receivers = (health_changed, instance_failed, instance_stopped)
+        for signal in receivers:
+            signal.connect(wake, sender=instance_id, weak=False)
+        try:
+            deadline = _now() + timeout
+            while True:
+                changed.clear()
+                snap = self.snapshot(instance_id)
+                if snap.state == "ready" and snap.health == "healthy":
+                    return snap
+                if snap.state in ("failed", "stopped"):
+                    raise InstanceFailedError(
+                        f"instance {instance_id} is {snap.state}"
+                        f"{': ' + snap.last_error if snap.last_error else ''}",
+                        instance_id=instance_id,
+                        reason=snap.last_error or snap.state,
+                    )
+                remaining = deadline - _now()
+                if remaining <= 0 or not changed.wait(remaining):
+                    if self.snapshot(instance_id).health == "healthy":
+                        continue
+                    raise WaitTimeoutError(
+                        f"instance {instance_id} is not healthy after {timeout:g}s "
+                        f"(state {snap.state}, health {snap.health}); it keeps running"
+                    )
+        finally:
+            for signal in receivers:
+                signal.disconnect(wake, sender=instance_id)
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def stop_instance(
+        self, instance_id: str, *, drain_timeout: float | None = None, timeout: float | None = None
+    ) -> RuntimeSnapshot:
+        """Stop an instance: no new leases, holders are told (``instance_draining``) and
+        given ``drain_timeout`` seconds (the policy's ``drain_timeout_ms`` by default)
+        to release, then SIGTERM, then SIGKILL after the spec's ``stop_timeout_ms``.
+        Idempotent; returns the final snapshot."""
+        self._check_open()
+        snap = self.snapshot(instance_id)
+        future: pykka.ThreadingFuture[RuntimeSnapshot] = pykka.ThreadingFuture()
+        self._tell(
+            StopRequest(
+                instance_id=instance_id,
+                reason="stop_instance()",
+                drain_timeout_s=drain_timeout,
+                reply=future,
+            )
+        )
+        if timeout is None:
+            timeout = (
+                drain_timeout if drain_timeout is not None else self.policy.drain_timeout_ms / 1000
+            ) + 30.0
+        result: RuntimeSnapshot = self._wait(future, timeout, None, f"stopping {snap.instance_id}")
+        return result
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop every instance (no drain), stop the actors and join their threads.
+
+        Idempotent. Servers that ignore SIGTERM are killed after their ``stop_timeout_ms``.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        _open.discard(self)
+        future: pykka.ThreadingFuture[None] = pykka.ThreadingFuture()
+        try:
+            if tell(self._ctx.supervisor, Close(reply=future)):
+                future.get(timeout=timeout)
+        except pykka.Timeout:
+            log.error("runtime close: instances did not stop within %gs; killing them", timeout)
+        finally:
+            self._shutdown_actors(timeout)
+
+    def _shutdown_actors(self, timeout: float) -> None:
+        for ref in (self._ctx.supervisor, self._ctx.broker):
+            if ref is not None:
+                with contextlib.suppress(pykka.Timeout, pykka.ActorDeadError):
+                    ref.stop(block=True, timeout=timeout)
+        joined: set[threading.Thread] = set()
+        while True:  # actors stopping may have started others: join until none is new
+            with self._ctx.threads_lock:
+                threads = [t for t in self._ctx.threads if t not in joined]
+            if not threads:
+                break
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join(timeout)
+                joined.add(thread)
+        if self._scheduler is not None:
+            self._scheduler.close()
+        self._ctx.client.close()
+
+    # -- the actor face -----------------------------------------------------------------
+
+    @property
+    def actor_ref(self) -> pykka.ActorRef[Supervisor]:
+        """The supervisor actor; ``runtime.actor_ref.proxy()`` is the non-blocking face."""
+        if self._ctx.supervisor is None:
+            raise RuntimeClosedError("this Runtime has no supervisor")
+        return self._ctx.supervisor
+
+    def proxy(self) -> pykka.ActorProxy[Supervisor]:
+        """A pykka proxy of the supervisor, for code that lives in actors."""
+        return self.actor_ref.proxy()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosedError("this Runtime is closed; create a new one")
+
+    def _tell(self, message: Any) -> None:
+        if not tell(self._ctx.supervisor, message):
+            raise RuntimeClosedError("this Runtime's supervisor has stopped; create a new Runtime")
+
+    def _wait(
+        self,
+        future: pykka.Future[Any],
+        timeout: float,
+        request_id: str | None,
+        what: str,
+        spec: BootSpec | None = None,
+    ) -> Any:
+        try:
+            return future.get(timeout=timeout)
+        except pykka.Timeout:
+            if request_id is not None:
+                tell(self._ctx.supervisor, CancelRequest(request_id=request_id))
+            _raise_timeout(what, timeout, self._describe(spec))
+        except LlamaActorsError as exc:
+            # Raised again from here, so the traceback ends in the caller's frame.
+            raise exc.with_traceback(None) from None
+
+    def _describe(self, spec: BootSpec | None) -> str:
+        if spec is None:
+            return ""
+        for snap in self._ctx.board.all():
+            if snap.instance_key == spec.instance_key and snap.state in ("starting", "ready"):
+                return (
+                    f"; instance {snap.instance_id} is {snap.state} and keeps going for other "
+                    f"callers (log: {snap.log_path})"
+                )
+        return ""
+
+
+def _raise_timeout(what: str, timeout: float, detail: str) -> NoReturn:
+    raise WaitTimeoutError(f"no answer for {what} within {timeout:g}s{detail}") from None
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+@atexit.register
+def _close_open_runtimes() -> None:
+    for runtime in list(_open):
+        runtime.close(timeout=10.0)

@@ -1,0 +1,380 @@
+"""Supervisor: owns the registry ``instance_id -> BackendActor`` and the index from
+identity (``instance_key``) to the live instance, queues callers until their instance
+is ready, and routes stops through a drain.
+
+Restart decisions live in each BackendActor (one_for_one: an instance's crash touches
+nothing else); the supervisor is the public entry point and never waits on anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+
+from llama_actors._backend import BackendActor
+from llama_actors._boot_spec import BootSpec
+from llama_actors._context import Context, deliver, tell
+from llama_actors._exceptions import (
+    InstanceNotFoundError,
+    NotReadyError,
+    RuntimeClosedError,
+)
+from llama_actors._messages import (
+    Boot,
+    CancelGrant,
+    CancelRequest,
+    Close,
+    Drained,
+    DrainInstance,
+    Ensure,
+    GrantLease,
+    IdleExpired,
+    InstanceFailed,
+    InstanceGone,
+    InstanceReady,
+    InstanceStopped,
+    Message,
+    ReleaseLease,
+    RenewLease,
+    Resolve,
+    StopInstance,
+    StopRequest,
+    TrackInstance,
+)
+from llama_actors._policy import InstancePolicy
+from llama_actors._requests import Consumer, prepare_request, request_id
+from llama_actors._types import EndpointDescriptor, RuntimeSnapshot
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("llama_actors.runtime")
+
+
+@dataclass(eq=False)
+class _Instance:
+    ref: pykka.ActorRef[Any]
+    key: str
+    spec: BootSpec
+    policy: InstancePolicy
+    waiting: dict[str, Resolve | Ensure] = field(default_factory=dict)
+    stop_replies: list[tuple[str, Any]] = field(default_factory=list)
+    stopping: bool = False
+    done: bool = False
+
+
+class Supervisor(pykka.ThreadingActor):
+    """The runtime's entry actor; see the module docstring."""
+
+    use_daemon_thread = True  # a forgotten Runtime must not hang interpreter exit
+
+    def __init__(self, *, context: Context) -> None:
+        super().__init__()
+        self.ctx = context
+        self.registry: dict[str, _Instance] = {}
+        self.by_key: dict[str, str] = {}
+        self.closing: Close | None = None
+        self._stop_reason: dict[str, str] = {}
+
+    def on_start(self) -> None:
+        self.ctx.register_thread()
+
+    def on_stop(self) -> None:
+        for inst in self.registry.values():
+            inst.ref.stop(block=False)
+
+    def on_receive(self, message: Any) -> Any:
+        try:
+            self._dispatch(message)
+        except Exception:
+            log.exception("supervisor: internal error on %r", message)
+        return None
+
+    def _dispatch(self, message: Message) -> None:
+        match message:
+            case Resolve() | Ensure():
+                self._request(message)
+            case CancelRequest(request_id=rid):
+                self._cancel(rid)
+            case InstanceReady(instance_id=iid, endpoint=endpoint):
+                self._ready(iid, endpoint)
+            case InstanceFailed(instance_id=iid, error=error):
+                self._failed(iid, error)
+            case InstanceStopped(instance_id=iid):
+                self._stopped(iid)
+            case StopRequest(instance_id=iid, reason=reason, drain_timeout_s=drain, reply=reply):
+                self._begin_stop(iid, reason, drain, reply)
+            case IdleExpired(instance_id=iid):
+                inst = self.registry.get(iid)
+                if inst is not None and not inst.stopping and not inst.done:
+                    log.info("instance %s: idle shutdown after its last lease ended", iid)
+                    self._begin_stop(iid, "idle: no lease held for idle_shutdown_ms", 0.0, None)
+            case Drained(instance_id=iid):
+                if (inst := self.registry.get(iid)) is not None:
+                    tell(inst.ref, StopInstance(reason=self._stop_reason.get(iid, "stopped")))
+            case Close():
+                self._close(message)
+            case _:
+                log.warning("supervisor: unexpected %r", message)
+
+    # -- resolving --------------------------------------------------------------------
+
+    def _request(self, msg: Resolve | Ensure) -> None:
+        if self.closing is not None:
+            deliver(msg.reply, msg.request_id, error=RuntimeClosedError("the runtime is closing"))
+            return
+        key = msg.spec.instance_key
+        iid = self.by_key.get(key)
+        created = iid is None
+        if iid is None:
+            iid = self._create(msg.spec, msg.policy)
+        inst = self.registry[iid]
+        endpoint = self.ctx.board.endpoint(iid)
+        if endpoint is not None and self.ctx.board.get(iid, "state") == "ready":
+            self._serve(iid, msg, endpoint, reused=True)
+        else:
+            inst.waiting[msg.request_id] = msg
+            if not created:
+                log.debug("instance %s: caller %s joins the readiness wait", iid, msg.request_id)
+
+    def _create(self, spec: BootSpec, policy: InstancePolicy) -> str:
+        iid = f"{_slug(spec.alias)}-{secrets.token_hex(3)}"
+        self.ctx.board.add(iid, spec.instance_key, str(self.ctx.log_path(iid)))
+        ref = BackendActor.start(instance_id=iid, spec=spec, policy=policy, context=self.ctx)
+        self.registry[iid] = _Instance(ref=ref, key=spec.instance_key, spec=spec, policy=policy)
+        self.by_key[spec.instance_key] = iid
+        tell(
+            self.ctx.broker,
+            TrackInstance(instance_id=iid, idle_shutdown_ms=policy.idle_shutdown_ms),
+        )
+        tell(ref, Boot())
+        log.info("instance %s: starting for %s", iid, spec.alias)
+        return iid
+
+    def _serve(self, iid: str, msg: Resolve | Ensure, endpoint: Any, *, reused: bool) -> None:
+        match msg:
+            case Resolve():
+                tell(
+                    self.ctx.broker,
+                    GrantLease(
+                        request_id=msg.request_id,
+                        instance_id=iid,
+                        endpoint=endpoint,
+                        compatibility=msg.compatibility,
+                        owner_ref=msg.owner_ref,
+                        ttl_ms=msg.ttl_ms,
+                        reused=reused,
+                        reply=msg.reply,
+                    ),
+                )
+            case Ensure():
+                deliver(msg.reply, msg.request_id, value=self.ctx.board.snapshot(iid))
+
+    def _cancel(self, request_id: str) -> None:
+        for inst in self.registry.values():
+            if inst.waiting.pop(request_id, None) is not None:
+                return
+        tell(self.ctx.broker, CancelGrant(request_id=request_id))
+
+    # -- instance news ----------------------------------------------------------------
+
+    def _ready(self, iid: str, endpoint: Any) -> None:
+        inst = self.registry.get(iid)
+        if inst is None:
+            return
+        waiting, inst.waiting = inst.waiting, {}
+        first = True
+        for msg in waiting.values():
+            # The caller that caused the spawn gets reused=False; those who joined, True.
+            self._serve(iid, msg, endpoint, reused=not first)
+            first = False
+
+    def _failed(self, iid: str, error: BaseException) -> None:
+        inst = self.registry.get(iid)
+        if inst is None:
+            return
+        self._forget_key(inst, iid)
+        waiting, inst.waiting = inst.waiting, {}
+        for msg in waiting.values():
+            deliver(msg.reply, msg.request_id, error=error)
+        tell(self.ctx.broker, InstanceGone(instance_id=iid, reason="instance failed"))
+        if not inst.stopping:
+            # Wind it down: its InstanceStopped follows once the process is gone.
+            inst.stopping = True
+            tell(inst.ref, StopInstance(reason="failed"))
+
+    def _stopped(self, iid: str) -> None:
+        inst = self.registry.get(iid)
+        if inst is None:
+            return
+        inst.done = True
+        self._forget_key(inst, iid)
+        waiting, inst.waiting = inst.waiting, {}
+        for msg in waiting.values():
+            deliver(
+                msg.reply,
+                msg.request_id,
+                error=NotReadyError(
+                    f"instance {iid} was stopped before it was ready", instance_id=iid
+                ),
+            )
+        tell(self.ctx.broker, InstanceGone(instance_id=iid, reason="instance stopped"))
+        for rid, reply in inst.stop_replies:
+            deliver(reply, rid, value=self.ctx.board.snapshot(iid))
+        inst.stop_replies.clear()
+        inst.ref.stop(block=False)
+        self._maybe_closed()
+
+    def _forget_key(self, inst: _Instance, iid: str) -> None:
+        if self.by_key.get(inst.key) == iid:
+            del self.by_key[inst.key]
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def _begin_stop(self, iid: str, reason: str, drain_s: float | None, reply: Any) -> None:
+        inst = self.registry.get(iid)
+        if inst is None:
+            deliver(
+                reply,
+                iid,
+                error=InstanceNotFoundError(
+                    f"no instance {iid!r} in this runtime; see Runtime.instances()",
+                    instance_id=iid,
+                ),
+            )
+            return
+        if inst.done:
+            deliver(reply, iid, value=self.ctx.board.snapshot(iid))
+            return
+        if reply is not None:
+            inst.stop_replies.append((iid, reply))
+        if inst.stopping:
+            return
+        inst.stopping = True
+        self._forget_key(inst, iid)
+        self._stop_reason[iid] = reason
+        waiting, inst.waiting = inst.waiting, {}
+        for msg in waiting.values():
+            deliver(
+                msg.reply,
+                msg.request_id,
+                error=NotReadyError(f"instance {iid} is stopping ({reason})", instance_id=iid),
+            )
+        timeout = inst.policy.drain_timeout_ms / 1000 if drain_s is None else drain_s
+        tell(self.ctx.broker, DrainInstance(instance_id=iid, timeout_s=timeout, reason=reason))
+
+    def _close(self, msg: Close) -> None:
+        if self.closing is None:
+            self.closing = msg
+        else:
+            deliver(msg.reply, "close", value=None)
+            return
+        for iid, inst in list(self.registry.items()):
+            if not inst.done:
+                self._begin_stop(iid, "runtime closing", 0.0, None)
+        self._maybe_closed()
+
+    def _maybe_closed(self) -> None:
+        if self.closing is None:
+            return
+        if all(inst.done for inst in self.registry.values()):
+            deliver(self.closing.reply, "close", value=None)
+
+    # -- the actor face: called through ``Runtime.proxy()`` ------------------------------
+
+    def resolve_endpoint(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        consumer: Consumer | None = None,
+        *,
+        reply_to: pykka.ActorRef[Any] | pykka.Future[Any],
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        policy: InstancePolicy | None = None,
+    ) -> str:
+        """Start a resolve and return its request id at once. The
+        :class:`~llama_actors.Resolution` (or the error) is told to ``reply_to`` as a
+        :class:`~llama_actors.messages.Replied` with that id, or set on it if it is a
+        future. Bad input raises here, so the proxy call's own future carries it."""
+        spec, result = prepare_request(spec, consumer)
+        ttl = self.ctx.lease_ttl_ms if ttl_ms is None else ttl_ms
+        if ttl <= 0:
+            raise ValueError(f"ttl_ms must be > 0 (got {ttl})")
+        rid = request_id()
+        self._request(
+            Resolve(
+                request_id=rid,
+                spec=spec,
+                compatibility=result,
+                owner_ref=owner_ref,
+                ttl_ms=ttl,
+                policy=policy or self.ctx.policy,
+                reply=reply_to,
+            )
+        )
+        return rid
+
+    def ensure_instance(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        *,
+        reply_to: pykka.ActorRef[Any] | pykka.Future[Any],
+        policy: InstancePolicy | None = None,
+    ) -> str:
+        """Like :meth:`resolve_endpoint` without a lease; the answer is a snapshot."""
+        spec, _ = prepare_request(spec, None)
+        rid = request_id()
+        self._request(
+            Ensure(request_id=rid, spec=spec, policy=policy or self.ctx.policy, reply=reply_to)
+        )
+        return rid
+
+    def renew(
+        self,
+        lease_ref: str,
+        ttl_ms: int | None = None,
+        *,
+        reply_to: pykka.ActorRef[Any] | pykka.Future[Any],
+    ) -> None:
+        """Renew a lease; the new :class:`~llama_actors.Lease` or the error goes to
+        ``reply_to`` (request id: the lease ref)."""
+        tell(self.ctx.broker, RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=reply_to))
+
+    def release(
+        self, lease_ref: str, *, reply_to: pykka.ActorRef[Any] | pykka.Future[Any] | None = None
+    ) -> None:
+        """Release a lease (idempotent); ``reply_to``, if given, gets True or False."""
+        tell(self.ctx.broker, ReleaseLease(lease_ref=lease_ref, reply=reply_to))
+
+    def stop_instance(
+        self,
+        instance_id: str,
+        *,
+        drain_timeout: float | None = None,
+        reply_to: pykka.ActorRef[Any] | pykka.Future[Any] | None = None,
+    ) -> None:
+        """Drain and stop an instance; ``reply_to``, if given, gets its final snapshot."""
+        self._begin_stop(instance_id, "stop_instance()", drain_timeout, reply_to)
+
+    def snapshot(self, instance_id: str) -> RuntimeSnapshot | None:
+        """The instance's snapshot, or None if there is no such instance."""
+        return self.ctx.board.snapshot(instance_id)
+
+    def instances(self) -> list[RuntimeSnapshot]:
+        return self.ctx.board.all()
+
+    def published_endpoint(self, instance_id: str) -> EndpointDescriptor | None:
+        """The published endpoint of a ready instance, else None."""
+        if self.ctx.board.get(instance_id, "state") != "ready":
+            return None
+        return self.ctx.board.endpoint(instance_id)
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
+    return (slug or "llama")[:40]
