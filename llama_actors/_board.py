@@ -58,6 +58,10 @@ class StatusBoard:
         with self._lock:
             self._rows[instance_id] = _Row(instance_id, instance_key, log_path)
 
+    def remove(self, instance_id: str) -> None:
+        with self._lock:
+            self._rows.pop(instance_id, None)
+
     def update(self, instance_id: str, **fields: Any) -> None:
         with self._lock:
             row = self._rows.get(instance_id)

@@ -63,7 +63,7 @@ class LeaseBroker(pykka.ThreadingActor):
         self._draining: dict[str, int] = {}
         self._tokens = 0
         self._grants: OrderedDict[str, str] = OrderedDict()
-        self._cancelled: set[str] = set()
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._wake: TimerHandle | None = None
         self._wake_at: float | None = None
 
@@ -99,8 +99,10 @@ class LeaseBroker(pykka.ThreadingActor):
             case CancelGrant(request_id=rid):
                 if (ref := self._grants.pop(rid, "")) != "":
                     self._release(ref, "released")
-                else:
-                    self._cancelled.add(rid)
+                else:  # not granted yet, or never will be: remember it a while
+                    self._cancelled[rid] = None
+                    while len(self._cancelled) > _REMEMBER_GRANTS:
+                        self._cancelled.popitem(last=False)
             case ExpireTick():
                 pass  # the sweep before dispatch did the work
             case IdleCheck(instance_id=iid, token=token):
@@ -134,8 +136,7 @@ class LeaseBroker(pykka.ThreadingActor):
     # -- leases -------------------------------------------------------------------------
 
     def _grant(self, msg: GrantLease) -> None:
-        if msg.request_id in self._cancelled:
-            self._cancelled.discard(msg.request_id)
+        if self._cancelled.pop(msg.request_id, "") is None:
             return
         try:
             if msg.instance_id not in self.ctx.board:
@@ -225,10 +226,10 @@ class LeaseBroker(pykka.ThreadingActor):
         refs = [lease.lease_ref for lease in self.table.leases_of(instance_id)]
         self._tokens += 1
         self._draining[instance_id] = self._tokens
-        emit(instance_draining, instance_id, lease_refs=refs, reason=reason)
-        if not refs:
+        if not refs:  # nobody to tell
             self._drained(instance_id)
             return
+        emit(instance_draining, instance_id, lease_refs=refs, reason=reason)
         tell_later(
             self.ctx.timers,
             timeout_s,

@@ -15,7 +15,14 @@ import msgspec
 
 from llama_actors._types import Health
 
-__all__ = ["HealthTracker", "Observation", "Transition", "classify", "probe_health"]
+__all__ = [
+    "HealthTracker",
+    "Observation",
+    "Transition",
+    "classify",
+    "get_once_more_on_drop",
+    "probe_health",
+]
 
 Verdict = Literal["healthy", "degraded", "failure"]
 
@@ -122,9 +129,9 @@ def probe_health(
     """GET ``health_url`` once (falling back to ``models_url`` on a 404) and classify it."""
     started = time.monotonic()
     try:
-        response = client.get(health_url, headers=dict(headers), timeout=timeout_s)
+        response = get_once_more_on_drop(client, health_url, headers, timeout_s)
         if response.status_code == 404:
-            response = client.get(models_url, headers=dict(headers), timeout=timeout_s)
+            response = get_once_more_on_drop(client, models_url, headers, timeout_s)
             body: Any = {"status": "ok"} if response.status_code == 200 else _json(response)
         else:
             body = _json(response)
@@ -133,6 +140,18 @@ def probe_health(
     except httpx.HTTPError as exc:
         return Observation("failure", f"{type(exc).__name__}: {exc}", time.monotonic() - started)
     return classify(response.status_code, body, time.monotonic() - started, slow_s)
+
+
+def get_once_more_on_drop(
+    client: httpx.Client, url: str, headers: Mapping[str, str], timeout_s: float
+) -> httpx.Response:
+    """GET ``url``; if the server dropped a pooled keep-alive connection without an
+    answer (llama-server sometimes does after a streamed reply), ask once more on a
+    fresh connection: a stale connection says nothing about the server's health."""
+    try:
+        return client.get(url, headers=dict(headers), timeout=timeout_s)
+    except httpx.RemoteProtocolError:
+        return client.get(url, headers=dict(headers), timeout=timeout_s)
 
 
 def _json(response: httpx.Response) -> Any:

@@ -5,6 +5,7 @@ first resolve of an identity decides them.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 
@@ -52,8 +53,14 @@ class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     def base_delay_ms(self, attempt: int) -> float:
         """The delay before attempt ``attempt`` (1-based), without jitter."""
-        exponent = min(max(attempt - 1, 0), 64)
-        return float(min(self.backoff_max_ms, self.backoff_initial_ms * self.multiplier**exponent))
+        exponent = max(attempt - 1, 0)
+        initial, cap = self.backoff_initial_ms, self.backoff_max_ms
+        if initial == 0 or self.multiplier == 1.0 or exponent == 0:
+            return float(min(initial, cap))
+        # Past this exponent the delay is capped anyway; stopping there avoids overflow.
+        if exponent >= math.log(cap / initial) / math.log(self.multiplier):
+            return float(cap)
+        return float(min(cap, initial * self.multiplier**exponent))
 
 
 class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):

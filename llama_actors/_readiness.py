@@ -11,6 +11,8 @@ from typing import Literal
 import httpx
 import msgspec
 
+from llama_actors._health import get_once_more_on_drop
+
 __all__ = ["ReadyProbe", "StallDeadline", "probe_ready"]
 
 ProbeResult = Literal["ready", "loading", "refused", "not_ready"]
@@ -41,9 +43,9 @@ def probe_ready(
     except OSError as exc:
         return ReadyProbe("refused", f"TCP {host}:{port}: {exc.strerror or exc}")
     try:
-        response = client.get(health_url, headers=dict(headers), timeout=timeout_s)
+        response = get_once_more_on_drop(client, health_url, headers, timeout_s)
         if response.status_code == 404:
-            fallback = client.get(models_url, headers=dict(headers), timeout=timeout_s)
+            fallback = get_once_more_on_drop(client, models_url, headers, timeout_s)
             if fallback.status_code == 200:
                 return ReadyProbe("ready", "no /health (older server); /models answered 200")
             return ReadyProbe("not_ready", f"/health 404, /models {fallback.status_code}")
@@ -61,7 +63,9 @@ def probe_ready(
     message = ""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         message = str(body["error"].get("message", ""))
-    if response.status_code == 503 and "loading" in message.lower():
+    # Current servers say {"error": {"message": "Loading model"}}; early-2024 builds
+    # said {"status": "loading model"}.
+    if response.status_code == 503 and "loading" in f"{message} {status or ''}".lower():
         return ReadyProbe("loading", "/health 503 Loading model")
     return ReadyProbe(
         "not_ready", f"/health {response.status_code} {message or status or ''}".rstrip()

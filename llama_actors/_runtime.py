@@ -398,6 +398,7 @@ def _now() -> float:
 
 
 @atexit.register
-def _close_open_runtimes() -> None:
+def close_open_runtimes() -> None:
+    """Close every Runtime of this process that is still open (at interpreter exit)."""
     for runtime in list(_open):
         runtime.close(timeout=10.0)

@@ -15,7 +15,7 @@ instance_ready       ``endpoint`` (published descriptor), ``pid``, ``port``,
                      ``elapsed_s`` (spawn to ready)
 health_changed       ``old``, ``new``, ``reason``
 instance_restarting  ``attempt``, ``delay_s``, ``reason``
-instance_draining    ``lease_refs``, ``reason``
+instance_draining    ``lease_refs``, ``reason`` (sent only when leases are held)
 instance_failed      ``reason``, ``exit`` (ProcessExit or None)
 instance_stopped     ``reason``, ``exit`` (ProcessExit or None)
 lease_granted        ``lease``

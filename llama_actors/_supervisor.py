@@ -54,6 +54,8 @@ from llama_actors._types import EndpointDescriptor, RuntimeSnapshot
 __all__ = ["Supervisor"]
 
 log = logging.getLogger("llama_actors.runtime")
+#: Stopped and failed instances kept visible in snapshots, oldest dropped first.
+KEEP_FINISHED = 100
 
 
 @dataclass(eq=False)
@@ -64,6 +66,7 @@ class _Instance:
     policy: InstancePolicy
     waiting: dict[str, Resolve | Ensure] = field(default_factory=dict)
     stop_replies: list[tuple[str, Any]] = field(default_factory=list)
+    creator: str = ""
     stopping: bool = False
     done: bool = False
 
@@ -134,6 +137,8 @@ class Supervisor(pykka.ThreadingActor):
         if iid is None:
             iid = self._create(msg.spec, msg.policy)
         inst = self.registry[iid]
+        if created:
+            inst.creator = msg.request_id
         endpoint = self.ctx.board.endpoint(iid)
         if endpoint is not None and self.ctx.board.get(iid, "state") == "ready":
             self._serve(iid, msg, endpoint, reused=True)
@@ -188,11 +193,9 @@ class Supervisor(pykka.ThreadingActor):
         if inst is None:
             return
         waiting, inst.waiting = inst.waiting, {}
-        first = True
         for msg in waiting.values():
             # The caller that caused the spawn gets reused=False; those who joined, True.
-            self._serve(iid, msg, endpoint, reused=not first)
-            first = False
+            self._serve(iid, msg, endpoint, reused=msg.request_id != inst.creator)
 
     def _failed(self, iid: str, error: BaseException) -> None:
         inst = self.registry.get(iid)
@@ -228,7 +231,14 @@ class Supervisor(pykka.ThreadingActor):
             deliver(reply, rid, value=self.ctx.board.snapshot(iid))
         inst.stop_replies.clear()
         inst.ref.stop(block=False)
+        self._prune()
         self._maybe_closed()
+
+    def _prune(self) -> None:
+        finished = [iid for iid, inst in self.registry.items() if inst.done]
+        for iid in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self.registry[iid]
+            self.ctx.board.remove(iid)
 
     def _forget_key(self, inst: _Instance, iid: str) -> None:
         if self.by_key.get(inst.key) == iid:

@@ -67,3 +67,38 @@ def test_the_run_server_example_starts_the_real_server_chats_and_stops_it() -> N
     assert re.search(r"pid \d+ listening on port \d+ after", done.stdout)
     assert re.search(r"^answer: \S", done.stdout, re.M)
     assert "exited with code 0 after a stop request" in done.stdout
+
+
+@pytest.mark.real_server
+@pytest.mark.timeout(200)
+def test_the_chat_with_runtime_example_leases_chats_through_the_openai_sdk_and_stops() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "chat_with_runtime.py")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for name in (
+        "instance_starting",
+        "instance_ready",
+        "health_changed",
+        "lease_granted",
+        "lease_released",
+        "instance_stopped",
+    ):
+        assert re.search(rf"^signal: {name} instance=\S+", out, re.M), f"no {name} in:\n{out}"
+    # One instance, named the same way on every signal line.
+    assert len(set(re.findall(r"^signal: \w+ instance=(\S+)", out, re.M))) == 1
+    assert re.search(r"^signal: health_changed .*old=unknown new=healthy", out, re.M)
+    assert re.search(r"^signal: lease_released .*reason=released$", out, re.M)
+    assert re.search(r"^signal: instance_stopped .*after a stop request", out, re.M)
+    assert re.search(r"^answer: \S", out, re.M), out
+    assert re.search(r"^streamed: \S.* \(\d+ chunks\)$", out, re.M), out
+    starting = re.search(r"^signal: instance_starting .*pid=(\d+)", out, re.M)
+    assert starting is not None
+    assert f"closed: server pid {starting.group(1)} is gone" in out
+    assert "sk-example-runtime" not in out
+    assert "sk-example-runtime" not in done.stderr

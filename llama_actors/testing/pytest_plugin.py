@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,12 +61,31 @@ def _describe(proc: psutil.Process) -> str:
         return f"pid {proc.pid}"
 
 
+_ACTOR_THREADS = ("Supervisor-", "LeaseBroker-", "BackendActor-", "HealthPoller-")
+
+
+def _runtime_threads() -> set[threading.Thread]:
+    return {
+        t
+        for t in threading.enumerate()
+        if t.name.startswith(_ACTOR_THREADS) or t.name == "llama-actors-scheduler"
+    }
+
+
 @pytest.fixture(autouse=True)
 def _no_process_left_behind() -> Iterator[None]:
-    """After each test, no child process that the test started may still be running."""
+    """After each test, no child process that the test started may still be running,
+    and no runtime actor thread either (a Runtime that was not closed)."""
     before = set(_descendants())
+    threads_before = _runtime_threads()
     yield
+    open_threads = sorted(t.name for t in _runtime_threads() - threads_before if t.is_alive())
     leftover = [p for pid, p in _descendants().items() if pid not in before]
+    if open_threads:
+        from llama_actors._runtime import close_open_runtimes
+
+        close_open_runtimes()
+        pytest.fail(f"the test left a Runtime open (now closed); its threads: {open_threads}")
     if not leftover:
         return
     # A process that is exiting right now gets a short grace period, never a sleep loop.
