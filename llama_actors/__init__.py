@@ -66,6 +66,7 @@ from llama_actors._types import (
     Lease,
     Resolution,
     RuntimeSnapshot,
+    RuntimeStatistics,
 )
 
 __version__ = "0.1.0"
@@ -117,6 +118,7 @@ __all__ = [
     "Runtime",
     "RuntimeClosedError",
     "RuntimeSnapshot",
+    "RuntimeStatistics",
     "Scheduler",
     "Secret",
     "ServerBinary",

@@ -428,6 +428,8 @@ class BackendActor(pykka.ThreadingActor):
         if self.process is None:
             return
         self.process.terminate()
+        if self._kill is not None:
+            self._kill.cancel()
         grace = self.spec.stop_timeout_ms / 1000
         self._kill = tell_later(
             self.ctx.timers, grace, self.actor_ref, KillDeadline(generation=self.generation)

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -49,7 +50,13 @@ from llama_actors._requests import Consumer, prepare_request, request_id
 from llama_actors._signals import health_changed, instance_failed, instance_stopped
 from llama_actors._state import default_state_dir
 from llama_actors._supervisor import Supervisor
-from llama_actors._types import EndpointDescriptor, Lease, Resolution, RuntimeSnapshot
+from llama_actors._types import (
+    EndpointDescriptor,
+    Lease,
+    Resolution,
+    RuntimeSnapshot,
+    RuntimeStatistics,
+)
 
 __all__ = ["Runtime"]
 
@@ -218,6 +225,17 @@ class Runtime:
     def instances(self) -> list[RuntimeSnapshot]:
         """Snapshots of every instance this runtime started, stopped and failed ones too."""
         return self._ctx.board.all()
+
+    def statistics(self) -> RuntimeStatistics:
+        """Counts of instances by state and health, live leases and restarts, at once."""
+        snaps = self._ctx.board.all()
+        return RuntimeStatistics(
+            instances=len(snaps),
+            states=dict(Counter(s.state for s in snaps)),
+            health=dict(Counter(s.health for s in snaps)),
+            leases=sum(s.lease_count for s in snaps),
+            restarts=sum(s.restart_count for s in snaps),
+        )
 
     def published_endpoint(self, instance_id: str) -> EndpointDescriptor:
         """The published (lease-less) endpoint of a ready instance."""

@@ -17,6 +17,7 @@ __all__ = [
     "Lease",
     "Resolution",
     "RuntimeSnapshot",
+    "RuntimeStatistics",
 ]
 
 InstanceState = Literal["starting", "ready", "stopping", "stopped", "failed"]
@@ -137,3 +138,13 @@ class Resolution(msgspec.Struct, frozen=True, kw_only=True):
     instance: RuntimeSnapshot
     compatibility: CompatibilityResult
     reused: bool
+
+
+class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts over every instance a runtime knows, taken at one moment."""
+
+    instances: int
+    states: dict[str, int]
+    health: dict[str, int]
+    leases: int
+    restarts: int

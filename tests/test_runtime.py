@@ -695,3 +695,19 @@ def test_only_the_newest_finished_instances_stay_visible(
     assert [s.instance_id for s in runtime.instances()] == [ids[-1]]
     with pytest.raises(InstanceNotFoundError):
         runtime.snapshot(ids[0])
+
+
+def test_statistics_count_instances_by_state_and_health_with_leases_and_restarts(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    one = runtime.resolve_endpoint(Fake(tmp_path / "one").spec(), "tests")
+    runtime.resolve_endpoint(Fake(tmp_path / "one").spec(), "tests")
+    two = runtime.ensure_instance(Fake(tmp_path / "two").spec())
+    runtime.stop_instance(two.instance_id)
+
+    stats = runtime.statistics()
+
+    assert (stats.instances, stats.leases, stats.restarts) == (2, 2, 0)
+    assert stats.states == {"ready": 1, "stopped": 1}
+    assert stats.health == {"healthy": 1, "unavailable": 1}
+    assert one.instance.instance_id in {s.instance_id for s in runtime.instances()}
