@@ -67,7 +67,11 @@ def main(model: str, binary: str) -> int:
     # Closing the runtime (the end of the with block) stops every server it started.
     with llama_actors.Runtime() as runtime:
         try:
-            resolution = runtime.resolve_endpoint(spec, "chat-example", timeout=120)
+            # The lease lasts ttl_ms unless renewed; a long-lived service renews it
+            # while it uses the endpoint (below, between the two chats).
+            resolution = runtime.resolve_endpoint(
+                spec, "chat-example", owner_ref="example", ttl_ms=300_000, timeout=120
+            )
         except llama_actors.LlamaActorsError as exc:
             print(f"no endpoint: {exc}", file=sys.stderr)
             return 1
@@ -90,6 +94,7 @@ def main(model: str, binary: str) -> int:
                 temperature=0,
             )
             print("answer:", one_line(reply.choices[0].message.content or ""))
+            runtime.renew(resolution.lease.lease_ref)
 
             stream = client.chat.completions.create(
                 model=endpoint.model_identity,

@@ -86,6 +86,7 @@ def test_the_chat_with_runtime_example_leases_chats_through_the_openai_sdk_and_s
         "instance_ready",
         "health_changed",
         "lease_granted",
+        "lease_renewed",
         "lease_released",
         "instance_stopped",
     ):
