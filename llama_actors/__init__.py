@@ -39,6 +39,7 @@ from llama_actors._exceptions import (
     ServerExitedError,
     SpawnError,
     UnsupportedFlagError,
+    UsageError,
     WaitTimeoutError,
 )
 from llama_actors._failure import NON_RETRYABLE, FailureKind, classify_line
@@ -128,6 +129,7 @@ __all__ = [
     "Supervisor",
     "Timers",
     "UnsupportedFlagError",
+    "UsageError",
     "WaitTimeoutError",
     "boot_spec",
     "check_model_file",

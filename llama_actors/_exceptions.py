@@ -23,6 +23,7 @@ wrong, with which value (secrets masked), and what to do about it::
     │   ├── LeaseNotFoundError     unknown, released, or ended with its instance
     │   └── LeaseExpiredError      its TTL ran out before it was renewed
     ├── RuntimeClosedError       the runtime was closed
+    ├── UsageError               a call got a value it cannot use (also a ``ValueError``)
     └── WaitTimeoutError         a wait ran out of time (also a ``TimeoutError``)
 """
 
@@ -55,6 +56,7 @@ __all__ = [
     "ServerExitedError",
     "SpawnError",
     "UnsupportedFlagError",
+    "UsageError",
     "WaitTimeoutError",
 ]
 
@@ -229,6 +231,10 @@ class LeaseExpiredError(LeaseError):
 
 class RuntimeClosedError(LlamaActorsError):
     """The runtime was closed; make a new one."""
+
+
+class UsageError(LlamaActorsError, ValueError):
+    """A call was given a value it cannot use, such as a TTL of zero."""
 
 
 class WaitTimeoutError(LlamaActorsError, TimeoutError):

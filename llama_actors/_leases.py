@@ -13,7 +13,12 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 
-from llama_actors._exceptions import LeaseExpiredError, LeaseNotFoundError, NotReadyError
+from llama_actors._exceptions import (
+    LeaseExpiredError,
+    LeaseNotFoundError,
+    NotReadyError,
+    UsageError,
+)
 from llama_actors._types import Lease
 
 __all__ = ["EndReason", "LeaseTable"]
@@ -75,7 +80,7 @@ class LeaseTable:
         self, instance_id: str, owner_ref: str | None, ttl_ms: int, *, renewable: bool = True
     ) -> Lease:
         if ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be > 0 (got {ttl_ms})")
+            raise _bad_ttl(ttl_ms)
         if (why := self._closed.get(instance_id)) is not None:
             raise NotReadyError(
                 f"instance {instance_id} takes no new leases: it is {why}; resolve again "
@@ -105,7 +110,7 @@ class LeaseTable:
             )
         ttl = lease.ttl_ms if ttl_ms is None else ttl_ms
         if ttl <= 0:
-            raise ValueError(f"ttl_ms must be > 0 (got {ttl})")
+            raise _bad_ttl(ttl)
         now = self._clock()
         renewed = Lease(
             lease_ref=lease.lease_ref,
@@ -186,3 +191,7 @@ class LeaseTable:
         while len(self._ended) > _REMEMBER_ENDED:
             self._ended.popitem(last=False)
         return lease
+
+
+def _bad_ttl(ttl_ms: int) -> UsageError:
+    return UsageError(f"ttl_ms must be a positive number of milliseconds (got {ttl_ms!r})")

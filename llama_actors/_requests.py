@@ -8,16 +8,25 @@ from collections.abc import Mapping
 from typing import Any
 
 from llama_actors._boot_spec import BootSpec, boot_spec
-from llama_actors._exceptions import IncompatibleError
+from llama_actors._exceptions import IncompatibleError, UsageError
 from llama_actors._manifest import (
     CompatibilityResult,
     ConsumerManifest,
     compatibility,
     llama_manifest,
 )
+from llama_actors._messages import Ensure, Resolve
+from llama_actors._policy import InstancePolicy
 from llama_actors._render import check_model_file, render_command
 
-__all__ = ["Consumer", "prepare_request", "request_id"]
+__all__ = [
+    "Consumer",
+    "check_ttl",
+    "ensure_message",
+    "prepare_request",
+    "request_id",
+    "resolve_message",
+]
 
 #: A consumer manifest, a mapping of its fields, or just the consumer's name.
 Consumer = ConsumerManifest | Mapping[str, Any] | str
@@ -48,3 +57,43 @@ def prepare_request(
 
 def request_id() -> str:
     return f"req-{secrets.token_hex(8)}"
+
+
+def check_ttl(ttl_ms: int | None, default: int) -> int:
+    """The TTL to use: ``ttl_ms``, else ``default``; it must be a positive int."""
+    ttl = default if ttl_ms is None else ttl_ms
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+        raise UsageError(f"ttl_ms must be a positive number of milliseconds (got {ttl!r})")
+    return ttl
+
+
+def resolve_message(
+    spec: BootSpec | Mapping[str, Any],
+    consumer: Consumer | None,
+    *,
+    owner_ref: str | None,
+    ttl_ms: int | None,
+    policy: InstancePolicy | None,
+    defaults: tuple[int, InstancePolicy],
+    reply: Any,
+) -> Resolve:
+    """Check a resolve request and build its message (``defaults``: TTL and policy)."""
+    ttl = check_ttl(ttl_ms, defaults[0])
+    spec, result = prepare_request(spec, consumer)
+    return Resolve(
+        request_id=request_id(),
+        spec=spec,
+        compatibility=result,
+        owner_ref=owner_ref,
+        ttl_ms=ttl,
+        policy=policy or defaults[1],
+        reply=reply,
+    )
+
+
+def ensure_message(
+    spec: BootSpec | Mapping[str, Any], policy: InstancePolicy, reply: Any
+) -> Ensure:
+    """Check an ensure request and build its message."""
+    spec, _ = prepare_request(spec, None)
+    return Ensure(request_id=request_id(), spec=spec, policy=policy, reply=reply)

@@ -39,14 +39,12 @@ from llama_actors._exceptions import (
 from llama_actors._messages import (
     CancelRequest,
     Close,
-    Ensure,
     ReleaseLease,
     RenewLease,
-    Resolve,
     StopRequest,
 )
 from llama_actors._policy import InstancePolicy
-from llama_actors._requests import Consumer, prepare_request, request_id
+from llama_actors._requests import Consumer, check_ttl, ensure_message, resolve_message
 from llama_actors._signals import health_changed, instance_failed, instance_stopped
 from llama_actors._state import default_state_dir
 from llama_actors._supervisor import Supervisor
@@ -86,8 +84,7 @@ class Runtime:
         timers: Timers | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        if lease_ttl_ms <= 0:
-            raise ValueError(f"lease_ttl_ms must be > 0 (got {lease_ttl_ms})")
+        check_ttl(lease_ttl_ms, lease_ttl_ms)
         self.policy = policy or InstancePolicy()
         self.lease_ttl_ms = lease_ttl_ms
         self.ask_timeout = ask_timeout
@@ -147,26 +144,19 @@ class Runtime:
         instance keeps starting for others; nothing is leased to this caller).
         """
         self._check_open()
-        spec, result = prepare_request(spec, consumer)
-        ttl = self.lease_ttl_ms if ttl_ms is None else ttl_ms
-        if ttl <= 0:
-            raise ValueError(f"ttl_ms must be > 0 (got {ttl})")
-        rid = request_id()
         future: pykka.ThreadingFuture[Resolution] = pykka.ThreadingFuture()
-        self._tell(
-            Resolve(
-                request_id=rid,
-                spec=spec,
-                compatibility=result,
-                owner_ref=owner_ref,
-                ttl_ms=ttl,
-                policy=policy or self.policy,
-                reply=future,
-            )
+        message = resolve_message(
+            spec,
+            consumer,
+            owner_ref=owner_ref,
+            ttl_ms=ttl_ms,
+            policy=policy,
+            defaults=(self.lease_ttl_ms, self.policy),
+            reply=future,
         )
-        resolution: Resolution = self._wait(
-            future, timeout, rid, f"an endpoint for {spec.alias}", spec
-        )
+        self._tell(message)
+        what = f"an endpoint for {message.spec.alias}"
+        resolution: Resolution = self._wait(future, timeout, message.request_id, what, message.spec)
         return resolution
 
     def ensure_instance(
@@ -179,11 +169,13 @@ class Runtime:
         """Spawn or reuse the instance for ``spec`` and wait until it is ready, without
         taking a lease. Returns its snapshot."""
         self._check_open()
-        spec, _ = prepare_request(spec, None)
-        rid = request_id()
         future: pykka.ThreadingFuture[RuntimeSnapshot] = pykka.ThreadingFuture()
-        self._tell(Ensure(request_id=rid, spec=spec, policy=policy or self.policy, reply=future))
-        snapshot: RuntimeSnapshot = self._wait(future, timeout, rid, f"instance {spec.alias}", spec)
+        message = ensure_message(spec, policy or self.policy, future)
+        self._tell(message)
+        what = f"instance {message.spec.alias}"
+        snapshot: RuntimeSnapshot = self._wait(
+            future, timeout, message.request_id, what, message.spec
+        )
         return snapshot
 
     # -- leases -------------------------------------------------------------------------
@@ -194,8 +186,8 @@ class Runtime:
         Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone.
         """
         self._check_open()
-        if ttl_ms is not None and ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be > 0 (got {ttl_ms})")
+        if ttl_ms is not None:
+            check_ttl(ttl_ms, ttl_ms)
         future: pykka.ThreadingFuture[Lease] = pykka.ThreadingFuture()
         tell(self._ctx.broker, RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=future))
         lease: Lease = self._wait(future, self.ask_timeout, None, f"renewing {lease_ref}")

@@ -48,7 +48,7 @@ from llama_actors._messages import (
     TrackInstance,
 )
 from llama_actors._policy import InstancePolicy
-from llama_actors._requests import Consumer, prepare_request, request_id
+from llama_actors._requests import Consumer, ensure_message, resolve_message
 from llama_actors._types import EndpointDescriptor, RuntimeSnapshot
 
 __all__ = ["Supervisor"]
@@ -311,23 +311,17 @@ class Supervisor(pykka.ThreadingActor):
         :class:`~llama_actors.Resolution` (or the error) is told to ``reply_to`` as a
         :class:`~llama_actors.messages.Replied` with that id, or set on it if it is a
         future. Bad input raises here, so the proxy call's own future carries it."""
-        spec, result = prepare_request(spec, consumer)
-        ttl = self.ctx.lease_ttl_ms if ttl_ms is None else ttl_ms
-        if ttl <= 0:
-            raise ValueError(f"ttl_ms must be > 0 (got {ttl})")
-        rid = request_id()
-        self._request(
-            Resolve(
-                request_id=rid,
-                spec=spec,
-                compatibility=result,
-                owner_ref=owner_ref,
-                ttl_ms=ttl,
-                policy=policy or self.ctx.policy,
-                reply=reply_to,
-            )
+        message = resolve_message(
+            spec,
+            consumer,
+            owner_ref=owner_ref,
+            ttl_ms=ttl_ms,
+            policy=policy,
+            defaults=(self.ctx.lease_ttl_ms, self.ctx.policy),
+            reply=reply_to,
         )
-        return rid
+        self._request(message)
+        return message.request_id
 
     def ensure_instance(
         self,
@@ -337,12 +331,9 @@ class Supervisor(pykka.ThreadingActor):
         policy: InstancePolicy | None = None,
     ) -> str:
         """Like :meth:`resolve_endpoint` without a lease; the answer is a snapshot."""
-        spec, _ = prepare_request(spec, None)
-        rid = request_id()
-        self._request(
-            Ensure(request_id=rid, spec=spec, policy=policy or self.ctx.policy, reply=reply_to)
-        )
-        return rid
+        message = ensure_message(spec, policy or self.ctx.policy, reply_to)
+        self._request(message)
+        return message.request_id
 
     def renew(
         self,

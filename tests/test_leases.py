@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llama_actors import LeaseExpiredError, LeaseNotFoundError, NotReadyError
+from llama_actors import LeaseExpiredError, LeaseNotFoundError, NotReadyError, UsageError
 from llama_actors._leases import LeaseTable
 
 
@@ -47,7 +47,7 @@ def test_every_grant_gets_its_own_ref(table: LeaseTable) -> None:
 
 @pytest.mark.parametrize("ttl_ms", [0, -1])
 def test_a_ttl_that_is_not_positive_is_rejected(table: LeaseTable, ttl_ms: int) -> None:
-    with pytest.raises(ValueError, match="ttl_ms must be > 0"):
+    with pytest.raises(UsageError, match="ttl_ms must be a positive number"):
         table.grant("chat-1", None, ttl_ms=ttl_ms)
     assert table.count("chat-1") == 0
 
@@ -73,7 +73,7 @@ def test_renew_with_a_new_ttl_keeps_it(table: LeaseTable, clock: FakeClock) -> N
 
 def test_renew_with_a_ttl_that_is_not_positive_is_rejected(table: LeaseTable) -> None:
     lease = table.grant("chat-1", None, ttl_ms=10_000)
-    with pytest.raises(ValueError, match="ttl_ms must be > 0"):
+    with pytest.raises(UsageError, match="ttl_ms must be a positive number"):
         table.renew(lease.lease_ref, ttl_ms=0)
     assert table.get(lease.lease_ref) == lease
 

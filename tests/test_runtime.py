@@ -31,6 +31,7 @@ from llama_actors import (
     Runtime,
     RuntimeClosedError,
     ServerExitedError,
+    UsageError,
     WaitTimeoutError,
     signals,
 )
@@ -711,3 +712,24 @@ def test_statistics_count_instances_by_state_and_health_with_leases_and_restarts
     assert stats.states == {"ready": 1, "stopped": 1}
     assert stats.health == {"healthy": 1, "unavailable": 1}
     assert one.instance.instance_id in {s.instance_id for s in runtime.instances()}
+
+
+def test_a_ttl_that_is_not_positive_is_a_usage_error_before_anything_starts(
+    runtime: Runtime, fake: Fake
+) -> None:
+    with pytest.raises(UsageError, match="ttl_ms must be a positive number"):
+        runtime.resolve_endpoint(fake.spec(), "tests", ttl_ms=0)
+
+    assert runtime.instances() == []
+
+
+def test_a_bad_renew_through_the_proxy_is_answered_with_the_error(
+    runtime: Runtime, fake: Fake
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
+    answer: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
+
+    runtime.proxy().renew(resolution.lease.lease_ref, 0, reply_to=answer).get(timeout=5)
+
+    with pytest.raises(UsageError):
+        answer.get(timeout=5)
