@@ -59,12 +59,11 @@ def request_id() -> str:
     return f"req-{secrets.token_hex(8)}"
 
 
-def check_ttl(ttl_ms: int | None, default: int) -> int:
-    """The TTL to use: ``ttl_ms``, else ``default``; it must be a positive int."""
-    ttl = default if ttl_ms is None else ttl_ms
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
-        raise UsageError(f"ttl_ms must be a positive number of milliseconds (got {ttl!r})")
-    return ttl
+def check_ttl(ttl_ms: int) -> int:
+    """``ttl_ms`` if it is a positive int, else :class:`UsageError`."""
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
+        raise UsageError(f"ttl_ms must be a positive number of milliseconds (got {ttl_ms!r})")
+    return ttl_ms
 
 
 def resolve_message(
@@ -78,7 +77,7 @@ def resolve_message(
     reply: Any,
 ) -> Resolve:
     """Check a resolve request and build its message (``defaults``: TTL and policy)."""
-    ttl = check_ttl(ttl_ms, defaults[0])
+    ttl = check_ttl(defaults[0] if ttl_ms is None else ttl_ms)
     spec, result = prepare_request(spec, consumer)
     return Resolve(
         request_id=request_id(),

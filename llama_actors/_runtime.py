@@ -84,7 +84,7 @@ class Runtime:
         timers: Timers | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        check_ttl(lease_ttl_ms, lease_ttl_ms)
+        check_ttl(lease_ttl_ms)
         self.policy = policy or InstancePolicy()
         self.lease_ttl_ms = lease_ttl_ms
         self.ask_timeout = ask_timeout
@@ -187,7 +187,7 @@ class Runtime:
         """
         self._check_open()
         if ttl_ms is not None:
-            check_ttl(ttl_ms, ttl_ms)
+            check_ttl(ttl_ms)
         future: pykka.ThreadingFuture[Lease] = pykka.ThreadingFuture()
         tell(self._ctx.broker, RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=future))
         lease: Lease = self._wait(future, self.ask_timeout, None, f"renewing {lease_ref}")
@@ -270,13 +270,12 @@ class Runtime:
                         reason=snap.last_error or snap.state,
                     )
                 remaining = deadline - _now()
-                if remaining <= 0 or not changed.wait(remaining):
-                    if self.snapshot(instance_id).health == "healthy":
-                        continue
+                if remaining <= 0:
                     raise WaitTimeoutError(
                         f"instance {instance_id} is not healthy after {timeout:g}s "
                         f"(state {snap.state}, health {snap.health}); it keeps running"
                     )
+                changed.wait(remaining)
         finally:
             for signal in receivers:
                 signal.disconnect(wake, sender=instance_id)

@@ -67,6 +67,7 @@ class _Instance:
     waiting: dict[str, Resolve | Ensure] = field(default_factory=dict)
     stop_replies: list[tuple[str, Any]] = field(default_factory=list)
     creator: str = ""
+    stop_reason: str = "stopped"
     stopping: bool = False
     done: bool = False
 
@@ -82,7 +83,6 @@ class Supervisor(pykka.ThreadingActor):
         self.registry: dict[str, _Instance] = {}
         self.by_key: dict[str, str] = {}
         self.closing: Close | None = None
-        self._stop_reason: dict[str, str] = {}
 
     def on_start(self) -> None:
         self.ctx.register_thread()
@@ -119,7 +119,7 @@ class Supervisor(pykka.ThreadingActor):
                     self._begin_stop(iid, "idle: no lease held for idle_shutdown_ms", 0.0, None)
             case Drained(instance_id=iid):
                 if (inst := self.registry.get(iid)) is not None:
-                    tell(inst.ref, StopInstance(reason=self._stop_reason.get(iid, "stopped")))
+                    tell(inst.ref, StopInstance(reason=inst.stop_reason))
             case Close():
                 self._close(message)
             case _:
@@ -267,7 +267,7 @@ class Supervisor(pykka.ThreadingActor):
             return
         inst.stopping = True
         self._forget_key(inst, iid)
-        self._stop_reason[iid] = reason
+        inst.stop_reason = reason
         waiting, inst.waiting = inst.waiting, {}
         for msg in waiting.values():
             deliver(
