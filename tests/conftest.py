@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from llama_actors import ServerProcess
@@ -81,3 +82,19 @@ def fake_binary(tmp_path: Path) -> FakeBinary:
         return script
 
     return make
+
+
+@pytest.fixture
+def mock_client() -> Iterator[Callable[[Callable[[httpx.Request], httpx.Response]], httpx.Client]]:
+    """Make httpx clients answered in-process by a handler (httpx's transport seam);
+    each is closed when the test ends."""
+    clients: list[httpx.Client] = []
+
+    def make(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.Client:
+        client = httpx.Client(transport=httpx.MockTransport(handler))
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

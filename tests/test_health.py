@@ -3,7 +3,7 @@ changes, and one probe through httpx's transport seam."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -16,21 +16,6 @@ HEADERS = {"Authorization": "Bearer sk-test"}
 SLOW_S = 0.5
 
 Handler = Callable[[httpx.Request], httpx.Response]
-
-
-@pytest.fixture
-def mock_client() -> Iterator[Callable[[Handler], httpx.Client]]:
-    """Make httpx clients answered by a handler; each is closed when the test ends."""
-    clients: list[httpx.Client] = []
-
-    def make(handler: Handler) -> httpx.Client:
-        client = httpx.Client(transport=httpx.MockTransport(handler))
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 def probe(client: httpx.Client, *, timeout_s: float = 0.2) -> Observation:

@@ -33,20 +33,6 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mock_client() -> Iterator[Callable[[Handler], httpx.Client]]:
-    clients: list[httpx.Client] = []
-
-    def make(handler: Handler) -> httpx.Client:
-        client = httpx.Client(transport=httpx.MockTransport(handler))
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
 def probe(client: httpx.Client, port: int) -> ReadyProbe:
     root = f"http://127.0.0.1:{port}"
     return probe_ready(
