@@ -207,6 +207,8 @@ class BackendActor(pykka.ThreadingActor):
             "on_line": on_line,
             "on_exit": on_exit,
             "state_dir": self.ctx.state_dir,
+            "log_max_bytes": self.policy.log_max_bytes,
+            "log_backups": self.policy.log_backups,
         }
         if self._last_port is not None and plan.port_mode != "fixed":
             # A restart keeps the port its lease holders know, when it is still free.
@@ -326,7 +328,6 @@ class BackendActor(pykka.ThreadingActor):
             return
         old, self.health = self.health, new
         self.ctx.board.update(self.instance_id, health=new)
-        log.info("instance %s: health %s -> %s (%s)", self.instance_id, old, new, reason)
         emit(health_changed, self.instance_id, old=old, new=new, reason=reason)
         if (
             new == "unavailable"
@@ -397,13 +398,6 @@ class BackendActor(pykka.ThreadingActor):
             delay_s=decision.delay_s,
             reason=why,
         )
-        log.warning(
-            "instance %s: restarting in %.2fs (%s) after: %s",
-            self.instance_id,
-            decision.delay_s,
-            decision.reason,
-            why,
-        )
         tell_later(
             self.ctx.timers, decision.delay_s, self.actor_ref, Respawn(token=self._respawn_token)
         )
@@ -441,7 +435,6 @@ class BackendActor(pykka.ThreadingActor):
             self._set_state("stopped", ready_since=None, endpoint=None)
             if self.health not in ("unknown", "unavailable"):
                 self._set_health("unavailable", f"stopped: {reason}")
-            log.info("instance %s: stopped (%s)", self.instance_id, reason)
             emit(instance_stopped, self.instance_id, reason=reason, exit=report)
         tell(self.ctx.supervisor, InstanceStopped(instance_id=self.instance_id))
 
@@ -459,7 +452,6 @@ class BackendActor(pykka.ThreadingActor):
             self._set_health("unavailable", reason)
         if self.process is not None and self.process.exit is None:
             self._terminate()
-        log.error("instance %s failed: %s", self.instance_id, reason)
         emit(instance_failed, self.instance_id, reason=reason, exit=report)
         tell(self.ctx.supervisor, InstanceFailed(instance_id=self.instance_id, error=error))
 

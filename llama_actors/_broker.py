@@ -178,7 +178,6 @@ class LeaseBroker(pykka.ThreadingActor):
 
     def _sweep(self) -> None:
         for lease in self.table.expire_due():
-            log.info("lease %s on %s expired", lease.lease_ref, lease.instance_id)
             emit(lease_expired, lease.instance_id, lease=lease)
             self._after_end(lease.instance_id)
 

@@ -76,6 +76,9 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
     - ``wedged_restart_ms``: a live process unavailable this long is killed and
       restarted (None: never).
     - ``drain_timeout_ms``: how long a stop waits for lease holders to release.
+    - ``log_max_bytes`` and ``log_backups``: the server's own output goes to
+      ``STATE_DIR/logs/INSTANCE.log``, rotated at ``log_max_bytes`` with
+      ``log_backups`` older files kept, so a chatty server cannot fill the disk.
     """
 
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
@@ -86,6 +89,8 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
     unavailable_after: int = 3
     wedged_restart_ms: int | None = 10_000
     drain_timeout_ms: int = 5_000
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
 
     def __post_init__(self) -> None:
         if self.idle_shutdown_ms is not None:
@@ -97,6 +102,8 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
         if self.wedged_restart_ms is not None:
             _check(self.wedged_restart_ms >= 0, "wedged_restart_ms", self.wedged_restart_ms, ">= 0")
         _check(self.drain_timeout_ms >= 0, "drain_timeout_ms", self.drain_timeout_ms, ">= 0")
+        _check(self.log_max_bytes >= 1024, "log_max_bytes", self.log_max_bytes, ">= 1024")
+        _check(self.log_backups >= 1, "log_backups", self.log_backups, ">= 1")
 
 
 def _check(ok: bool, field: str, value: object, rule: str) -> None:

@@ -17,6 +17,7 @@ from llama_actors._context import Context, tell, tell_later
 from llama_actors._health import HealthTracker, probe_health
 from llama_actors._messages import HealthReport, Message, Pause, ProbeTick, Watch
 from llama_actors._policy import InstancePolicy
+from llama_actors._signals import emit, probe_completed
 
 __all__ = ["HealthPoller"]
 
@@ -95,6 +96,7 @@ class HealthPoller(pykka.ThreadingActor):
             slow_s=self.policy.slow_probe_ms / 1000,
         )
         self.last_latency_s = obs.latency_s
+        emit(probe_completed, self.instance_id, latency_s=obs.latency_s, verdict=obs.verdict)
         if (change := self.tracker.observe(obs)) is not None:
             tell(self.backend, HealthReport(generation=gen, new=change.new, reason=change.reason))
         elapsed = self.ctx.timers.now() - started

@@ -25,8 +25,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Literal
 
 import msgspec
 
@@ -52,6 +53,8 @@ LineCallback = Callable[[str], None]
 ExitCallback = Callable[["ProcessExit"], None]
 
 TAIL_LINES = 200
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
 EXIT_TAIL_LINES = 40  # lines kept on a ProcessExit, enough to show why it ended
 _READ_SIZE = 65536
 _MAX_LINE = 64 * 1024
@@ -152,8 +155,10 @@ class ServerProcess:
         on_exit: ExitCallback | None,
         ledger: Ledger,
         tail_lines: int,
+        log_rotation: tuple[int, int] = (LOG_MAX_BYTES, LOG_BACKUPS),
     ) -> None:
         self.plan = plan
+        self._log_rotation = log_rotation
         self.log_path = Path(log_path) if log_path is not None else None
         self._on_line = on_line
         self._on_exit = on_exit
@@ -167,7 +172,7 @@ class ServerProcess:
         self._stop_requested = False
         self._private_dir: str | None = None
         self._file_paths: dict[str, str] = {}
-        self._log_file: TextIO | None = None
+        self._log_file: RotatingFileHandler | None = None
         self._attempts = 0
 
     # -- starting -------------------------------------------------------------------
@@ -182,11 +187,15 @@ class ServerProcess:
         on_exit: ExitCallback | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         tail_lines: int = TAIL_LINES,
+        log_max_bytes: int = LOG_MAX_BYTES,
+        log_backups: int = LOG_BACKUPS,
     ) -> ServerProcess:
         """Spawn the server ``plan`` describes and return at once (no readiness wait).
 
         ``on_line`` gets every complete output line, ``on_exit`` the exit report; both
-        run on the watcher thread, so they must only record or hand off. Raises
+        run on the watcher thread, so they must only record or hand off. Output lines
+        are appended to ``log_path``, rotated at ``log_max_bytes`` keeping
+        ``log_backups`` older files (``.1`` is the newest). Raises
         :class:`BinaryNotFoundError`, :class:`ModelFileError`, :class:`PortInUseError`
         or :class:`SpawnError` before anything runs when the server cannot start.
         """
@@ -211,6 +220,7 @@ class ServerProcess:
             on_exit=on_exit,
             ledger=Ledger(state_dir),
             tail_lines=tail_lines,
+            log_rotation=(log_max_bytes, log_backups),
         )
         try:
             process._open(log_path)
@@ -241,7 +251,12 @@ class ServerProcess:
             self._file_paths = self.plan.write_private_files(self._private_dir)
         if log_path is not None:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115
+            max_bytes, backups = self._log_rotation
+            handler = RotatingFileHandler(
+                log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self._log_file = handler
 
     def _spawn(self) -> _Attempt:
         """Start one child; called again (once) when a reserved port was taken."""
@@ -585,8 +600,7 @@ class ServerProcess:
             self._update_ledger_port(attempt, bound)
         if self._log_file is not None:
             try:
-                self._log_file.write(line + "\n")
-                self._log_file.flush()
+                self._write_log(self._log_file, line)
             except (OSError, ValueError) as exc:
                 log.warning("cannot write %s: %s; no longer logging to it", self.log_path, exc)
                 self._log_file = None
@@ -643,3 +657,15 @@ class ServerProcess:
             with contextlib.suppress(OSError):
                 self._log_file.close()
             self._log_file = None
+
+    @staticmethod
+    def _write_log(handler: RotatingFileHandler, line: str) -> None:
+        # Not handler.emit(): its errors go to logging's handleError, and a full disk
+        # must reach the caller, which then stops logging instead of spamming stderr.
+        if handler.shouldRollover(logging.makeLogRecord({"msg": line})):
+            handler.doRollover()
+        stream = handler.stream
+        if stream is None:  # closed by a failed rollover: treat like a write error
+            raise ValueError("log file closed")
+        stream.write(line + "\n")
+        stream.flush()

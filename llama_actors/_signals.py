@@ -24,6 +24,14 @@ lease_released       ``lease``, ``reason`` (``released``, ``drained``,
                      ``instance stopped``)
 lease_expired        ``lease``
 ===================  ==============================================================
+
+Each send is also one line on the ``llama_actors.transitions`` logger, with the
+instance id and the reason: INFO for the ordinary path, WARNING for restarts and
+health loss, ERROR when supervision gives up.
+
+``probe_completed`` is not a transition: it is sent after every health probe (with
+``latency_s`` and ``verdict``) for metrics, is not logged and is not in
+:data:`ALL_SIGNALS`.
 """
 
 from __future__ import annotations
@@ -47,10 +55,12 @@ __all__ = [
     "lease_granted",
     "lease_released",
     "lease_renewed",
+    "probe_completed",
     "signals",
 ]
 
 log = logging.getLogger("llama_actors.signals")
+transitions_log = logging.getLogger("llama_actors.transitions")
 
 #: The namespace holding every llama_actors signal.
 signals = blinker.Namespace()
@@ -70,6 +80,10 @@ lease_granted = signals.signal("lease-granted", doc="a lease was granted")
 lease_renewed = signals.signal("lease-renewed", doc="a lease was renewed")
 lease_released = signals.signal("lease-released", doc="a lease ended before its TTL")
 lease_expired = signals.signal("lease-expired", doc="a lease's TTL ran out")
+
+probe_completed = signals.signal(
+    "probe-completed", doc="a health probe finished (latency_s, verdict); for metrics"
+)
 
 #: Every signal, by name.
 ALL_SIGNALS: dict[str, blinker.NamedSignal] = {
@@ -91,8 +105,10 @@ ALL_SIGNALS: dict[str, blinker.NamedSignal] = {
 
 
 def emit(signal: blinker.NamedSignal, instance_id: str, **payload: Any) -> None:
-    """Send ``signal`` from ``instance_id`` to each receiver; one that raises is logged
-    and does not stop the others or the sending actor."""
+    """Log the transition, then send ``signal`` from ``instance_id`` to each receiver;
+    one that raises is logged and does not stop the others or the sending actor."""
+    if signal is not probe_completed:
+        _log_transition(signal.name, instance_id, payload)
     if not signal.receivers:
         return
     payload.setdefault("at", time.time())
@@ -101,3 +117,59 @@ def emit(signal: blinker.NamedSignal, instance_id: str, **payload: Any) -> None:
             receiver(instance_id, instance_id=instance_id, **payload)
         except Exception:
             log.exception("a receiver of %s raised; the runtime goes on", signal.name)
+
+
+def _log_transition(name: str, iid: str, p: dict[str, Any]) -> None:
+    level = _LEVELS.get(name, logging.INFO)
+    if name == "health-changed" and p.get("new") == "healthy":
+        level = logging.INFO
+    if not transitions_log.isEnabledFor(level):
+        return
+    transitions_log.log(level, "%s", describe(name, iid, p))
+
+
+_LEVELS = {
+    "instance-restarting": logging.WARNING,
+    "instance-failed": logging.ERROR,
+    "health-changed": logging.WARNING,
+}
+
+
+def describe(name: str, iid: str, p: dict[str, Any]) -> str:
+    """One line for a transition: what happened to which instance, and why."""
+    lease = p.get("lease")
+    ref = getattr(lease, "lease_ref", "?")
+    owner = getattr(lease, "owner_ref", "?")
+    match name:
+        case "instance-starting":
+            return f"instance {iid}: starting (attempt {p.get('attempt')}, pid {p.get('pid')})"
+        case "instance-ready":
+            return (
+                f"instance {iid}: ready on port {p.get('port')} (pid {p.get('pid')}, "
+                f"{p.get('elapsed_s', 0):.3f}s after spawn)"
+            )
+        case "health-changed":
+            return f"instance {iid}: health {p.get('old')} -> {p.get('new')} ({p.get('reason')})"
+        case "instance-restarting":
+            return (
+                f"instance {iid}: restarting in {p.get('delay_s', 0):.2f}s, attempt "
+                f"{p.get('attempt')} ({p.get('reason')})"
+            )
+        case "instance-draining":
+            refs = p.get("lease_refs", ())
+            return f"instance {iid}: draining {len(refs)} lease(s) ({p.get('reason')})"
+        case "instance-failed":
+            return f"instance {iid}: failed ({p.get('reason')})"
+        case "instance-stopped":
+            return f"instance {iid}: stopped ({p.get('reason')})"
+        case "lease-granted":
+            ttl = getattr(lease, "ttl_ms", "?")
+            return f"lease {ref} on {iid}: granted to {owner} for {ttl} ms"
+        case "lease-renewed":
+            return f"lease {ref} on {iid}: renewed by {owner}"
+        case "lease-released":
+            return f"lease {ref} on {iid}: released ({p.get('reason')})"
+        case "lease-expired":
+            return f"lease {ref} on {iid}: expired (owner {owner} did not renew)"
+        case _:
+            return f"instance {iid}: {name}"

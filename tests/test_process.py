@@ -137,6 +137,26 @@ def test_every_line_goes_to_the_log_file_too(
     assert sorted(log.read_text().splitlines()) == ["one", "two"]
 
 
+def test_a_chatty_server_log_is_rotated_so_it_cannot_fill_the_disk(
+    plan_for: PlanFor, started: list[ServerProcess], tmp_path: Path
+) -> None:
+    log = tmp_path / "logs" / "server.log"
+    script = "i=0; while [ $i -lt 400 ]; do echo line-$i-padding-padding-padding; i=$((i+1)); done"
+    process = start(
+        started,
+        plan_for(["/bin/sh", "-c", script]),
+        log_path=log,
+        log_max_bytes=2048,
+        log_backups=2,
+    )
+    process.wait(timeout=10)
+    files = sorted(p.name for p in log.parent.iterdir())
+    assert files == ["server.log", "server.log.1", "server.log.2"]
+    assert all(p.stat().st_size <= 2048 for p in log.parent.iterdir())
+    assert log.read_text().splitlines()[-1] == "line-399-padding-padding-padding"
+    assert process.tail(1) == ["line-399-padding-padding-padding"]
+
+
 def test_a_line_callback_that_raises_does_not_stop_the_capture(
     plan_for: PlanFor, started: list[ServerProcess], caplog: pytest.LogCaptureFixture
 ) -> None:

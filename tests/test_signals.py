@@ -33,7 +33,8 @@ def test_every_signal_lives_in_the_library_namespace() -> None:
         assert key == signal.name.replace("-", "_")
         assert getattr(llama_actors.signals, key) is signal
         assert blinker.signal(signal.name) is not signal  # not the global namespace
-    assert set(signals.values()) == set(ALL_SIGNALS.values())
+    # probe_completed is for metrics, not a transition, so ALL_SIGNALS leaves it out.
+    assert set(signals.values()) == {*ALL_SIGNALS.values(), llama_actors.signals.probe_completed}
 
 
 def test_every_signal_has_a_doc() -> None:
@@ -106,3 +107,19 @@ def test_a_receiver_that_raises_is_logged_and_the_others_still_run(
     assert "health-changed" in records[0].getMessage()
     assert records[0].exc_info is not None
     assert "receiver bug" in str(records[0].exc_info[1])
+
+
+def test_every_transition_is_one_log_line_naming_the_instance_and_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from llama_actors._signals import instance_failed, probe_completed
+
+    caplog.set_level(logging.DEBUG, logger="llama_actors.transitions")
+    emit(health_changed, "chat-1", old="healthy", new="degraded", reason="probe slow (0.7s)")
+    emit(instance_failed, "chat-1", reason="5 restarts in 60s", exit=None)
+    emit(probe_completed, "chat-1", latency_s=0.001, verdict="healthy")
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        (logging.WARNING, "instance chat-1: health healthy -> degraded (probe slow (0.7s))"),
+        (logging.ERROR, "instance chat-1: failed (5 restarts in 60s)"),
+    ]
