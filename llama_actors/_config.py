@@ -6,6 +6,12 @@
     model = "models/gemma.gguf"   # relative paths are relative to this file
     ctx_size = 4096
 
+    [backends.chat.policy]        # optional: InstancePolicy fields
+    idle_shutdown_ms = 300000
+
+    [backends.chat.policy.restart]  # optional: RestartPolicy fields
+    max_restarts = 3
+
 Errors are :class:`BootSpecError` with ``source`` set to the file and ``field`` the full
 path, such as ``backends.chat.port``.
 """
@@ -22,6 +28,7 @@ import msgspec
 
 from llama_actors._boot_spec import BootSpec, boot_spec
 from llama_actors._exceptions import BootSpecError
+from llama_actors._policy import InstancePolicy, RestartPolicy
 
 __all__ = [
     "Config",
@@ -37,10 +44,17 @@ _PATH_FIELDS = ("model", "api_key_file")
 
 
 class Config(msgspec.Struct, frozen=True):
-    """A parsed config file: its path (if any) and its backends by name, in file order."""
+    """A parsed config file: its path (if any), its backends by name in file order, and
+    the policy of each backend that has a ``policy`` table."""
 
     source: str | None
     backends: dict[str, BootSpec]
+    policies: dict[str, InstancePolicy] = msgspec.field(default_factory=dict)
+
+    def policy(self, name: str) -> InstancePolicy | None:
+        """The backend's own policy, or None when the file gives it none."""
+        self.backend(name)
+        return self.policies.get(name)
 
     def backend(self, name: str) -> BootSpec:
         try:
@@ -56,10 +70,12 @@ class Config(msgspec.Struct, frozen=True):
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML config file; the first invalid field raises."""
-    specs, errors = validate_config_file(path)
+    source = os.fspath(path)
+    base_dir = os.path.dirname(os.path.abspath(source))
+    specs, policies, errors = _validate(read_config_file(source), source, base_dir)
     if errors:
         raise errors[0]
-    return Config(source=os.fspath(path), backends=specs)
+    return Config(source=source, backends=specs, policies=policies)
 
 
 def validate_config_file(
@@ -94,16 +110,23 @@ def parse_config(
     data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
 ) -> Config:
     """Validate an already parsed config mapping; relative paths resolve against ``base_dir``."""
-    specs, errors = validate_config(data, source=source, base_dir=base_dir)
+    specs, policies, errors = _validate(data, source, base_dir)
     if errors:
         raise errors[0]
-    return Config(source=source, backends=specs)
+    return Config(source=source, backends=specs, policies=policies)
 
 
 def validate_config(
     data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
 ) -> tuple[dict[str, BootSpec], list[BootSpecError]]:
     """Validate every backend; return the valid specs and an error for each invalid one."""
+    specs, _policies, errors = _validate(data, source, base_dir)
+    return specs, errors
+
+
+def _validate(
+    data: Mapping[str, Any], source: str | None, base_dir: str | None
+) -> tuple[dict[str, BootSpec], dict[str, InstancePolicy], list[BootSpecError]]:
     errors: list[BootSpecError] = [
         BootSpecError(
             str(key),
@@ -124,8 +147,9 @@ def validate_config(
                 source=source,
             )
         )
-        return {}, errors
+        return {}, {}, errors
     specs: dict[str, BootSpec] = {}
+    policies: dict[str, InstancePolicy] = {}
     for name, table in backends.items():
         prefix = f"backends.{name}"
         if not isinstance(name, str) or not _BACKEND_NAME.match(name):
@@ -135,11 +159,50 @@ def validate_config(
             reason = "must be a table of boot spec fields"
             errors.append(BootSpecError(prefix, table, reason, source=source))
         else:
+            fields = dict(table)
+            policy = fields.pop("policy", None)
             try:
-                specs[name] = boot_spec(_resolve_paths(table, base_dir))
+                specs[name] = boot_spec(_resolve_paths(fields, base_dir))
             except BootSpecError as exc:
                 errors.append(exc.located(prefix, source))
-    return specs, errors
+            if policy is not None:
+                try:
+                    policies[name] = _policy(policy)
+                except BootSpecError as exc:
+                    errors.append(exc.located(f"{prefix}.policy", source))
+    return specs, policies, errors
+
+
+def _policy(table: Any) -> InstancePolicy:
+    """An :class:`InstancePolicy` from a TOML table; errors name the field."""
+    if not isinstance(table, Mapping):
+        raise BootSpecError("", table, "must be a table of InstancePolicy fields")
+    _check_keys(table, InstancePolicy, "")
+    restart = table.get("restart")
+    if restart is not None:
+        if not isinstance(restart, Mapping):
+            raise BootSpecError("restart", restart, "must be a table of RestartPolicy fields")
+        _check_keys(restart, RestartPolicy, "restart.")
+    try:
+        return msgspec.convert(table, InstancePolicy)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        field = where.rstrip("`").lstrip(".")
+        value: Any = table
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        raise BootSpecError(field, value, message.rstrip(".").lower()) from None
+
+
+def _check_keys(table: Mapping[str, Any], struct: type[msgspec.Struct], prefix: str) -> None:
+    known = struct.__struct_fields__
+    for key in table:
+        if key not in known:
+            raise BootSpecError(
+                f"{prefix}{key}",
+                table[key],
+                f"unknown {struct.__name__} field; known: {', '.join(known)}",
+            )
 
 
 def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import ipaddress
 import logging
 import os
 import selectors
@@ -102,6 +103,27 @@ class ProcessExit(msgspec.Struct, frozen=True, kw_only=True):
         if self.failure:
             how += f" ({self.failure}: {self.failure_line})"
         return f"llama-server pid {self.pid} {how}"
+
+
+def _warn_if_exposed(plan: LaunchPlan) -> None:
+    spec = plan.spec
+    if spec.api_key is not None or spec.api_key_file is not None or _is_loopback(spec.host):
+        return
+    log.warning(
+        "llama-server for %s binds %s without an API key: anyone who can reach that "
+        "address can use the model; set api_key or api_key_file, or bind 127.0.0.1",
+        spec.alias,
+        spec.host,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it can be reached from elsewhere
 
 
 def _exit_status(returncode: int) -> tuple[ExitStatus, int | None, str | None]:
@@ -211,6 +233,7 @@ class ServerProcess:
                 f"llama-server {binary!r} is not executable; chmod +x it", searched=(binary,)
             )
         check_model_file(plan.spec.model)
+        _warn_if_exposed(plan)
         if plan.port_mode == "fixed" and isinstance(plan.spec.port, int):
             check_port_free(plan.spec.host, plan.spec.port)
         process = cls(

@@ -111,3 +111,68 @@ def test_asking_for_a_backend_the_file_lacks_lists_the_ones_it_has() -> None:
     with pytest.raises(BootSpecError, match="the file has chat") as caught:
         config.backend("embed")
     assert caught.value.field == "backends.embed"
+
+
+def test_a_policy_table_gives_a_backend_its_own_restart_and_idle_policy(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [backends.chat]
+        model = "/models/chat.gguf"
+
+        [backends.chat.policy]
+        idle_shutdown_ms = 300000
+        unavailable_after = 2
+
+        [backends.chat.policy.restart]
+        max_restarts = 3
+        backoff_initial_ms = 250
+
+        [backends.embed]
+        model = "/models/embed.gguf"
+        """,
+    )
+    config = load_config(path)
+    chat = config.policy("chat")
+    assert chat is not None
+    assert chat.idle_shutdown_ms == 300_000
+    assert chat.unavailable_after == 2
+    assert (chat.restart.max_restarts, chat.restart.backoff_initial_ms) == (3, 250)
+    assert chat.restart.window_s == 60.0  # unnamed fields keep their defaults
+    assert config.policy("embed") is None  # the runtime's default policy applies
+    assert "policy" not in config.backend("chat").to_mapping()
+
+
+@pytest.mark.parametrize(
+    ("table", "field", "says"),
+    [
+        (
+            "[backends.chat.policy]\nidle_shutdown = 5",
+            "backends.chat.policy.idle_shutdown",
+            "unknown InstancePolicy field",
+        ),
+        (
+            "[backends.chat.policy.restart]\nmax_restarts = 'x'",
+            "backends.chat.policy.restart.max_restarts",
+            "expected `int`, got `str`",
+        ),
+        (
+            "[backends.chat.policy.restart]\njitter = 2.0",
+            "backends.chat.policy.restart.jitter",
+            "between 0 and 1",
+        ),
+        ("[backends.chat]\npolicy = 3", "backends.chat.policy", "must be a table"),
+    ],
+)
+def test_a_bad_policy_field_is_an_error_naming_file_and_field(
+    tmp_path: Path, table: str, field: str, says: str
+) -> None:
+    text = '[backends.chat]\nmodel = "/m.gguf"\n' + table
+    if table.startswith("[backends.chat]\n"):
+        text = '[backends.chat]\nmodel = "/m.gguf"\n' + table.split("\n", 1)[1]
+    path = write(tmp_path, text)
+    with pytest.raises(BootSpecError) as caught:
+        load_config(path)
+    assert caught.value.field == field
+    assert caught.value.source == str(path)
+    assert says in str(caught.value)
