@@ -159,7 +159,7 @@ def test_a_policy_table_gives_a_backend_its_own_restart_and_idle_policy(tmp_path
         (
             "[backends.chat.policy.restart]\njitter = 2.0",
             "backends.chat.policy.restart.jitter",
-            "between 0 and 1",
+            "must be in [0, 1)",
         ),
         ("[backends.chat]\npolicy = 3", "backends.chat.policy", "must be a table"),
     ],
