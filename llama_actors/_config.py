@@ -3,7 +3,8 @@
 .. code-block:: toml
 
     [backends.chat]
-    model = "models/gemma.gguf"   # relative paths are relative to this file
+    model = "models/gemma.gguf"   # relative paths are relative to this file;
+                                  # ${NAME} in a path is an environment variable
     ctx_size = 4096
 
     [backends.chat.policy]        # optional: InstancePolicy fields
@@ -205,8 +206,29 @@ def _check_keys(table: Mapping[str, Any], struct: type[msgspec.Struct], prefix: 
             )
 
 
-def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, Any]:
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(table: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace ``${NAME}`` in path fields with the environment variable's value."""
     out = dict(table)
+    for field in (*_PATH_FIELDS, "binary_path"):
+        value = out.get(field)
+        if not isinstance(value, str) or "${" not in value:
+            continue
+        missing = [m for m in _VARIABLE.findall(value) if m not in os.environ]
+        if missing:
+            raise BootSpecError(
+                field,
+                value,
+                f"environment variable {missing[0]} is not set; set it or write the path",
+            )
+        out[field] = _VARIABLE.sub(lambda m: os.environ[m.group(1)], value)
+    return out
+
+
+def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, Any]:
+    out = _expand(table)
     if base_dir is None:
         return out
     for field in _PATH_FIELDS:

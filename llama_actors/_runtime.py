@@ -17,8 +17,9 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import pykka
@@ -39,6 +40,7 @@ from llama_actors._exceptions import (
 from llama_actors._messages import (
     CancelRequest,
     Close,
+    Message,
     ReleaseLease,
     RenewLease,
     StopRequest,
@@ -64,6 +66,27 @@ DEFAULT_LEASE_TTL_MS = 60_000
 DEFAULT_RESOLVE_TIMEOUT = 120.0
 DEFAULT_ASK_TIMEOUT = 10.0
 _open: weakref.WeakSet[Runtime] = weakref.WeakSet()
+#: The signals that can change the answer of wait_healthy().
+HEALTH_SIGNALS = (health_changed, instance_failed, instance_stopped)
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """A message for one of the runtime's actors and what waiting for its answer means.
+
+    Both faces of the runtime build these the same way: :class:`Runtime` blocks on
+    ``future``, the asyncio face awaits it. ``request_id`` names a resolve or ensure
+    the supervisor must forget (and whose lease it must end) when its caller stops
+    waiting.
+    """
+
+    message: Message
+    future: pykka.Future[Any]
+    timeout: float
+    what: str
+    to_broker: bool = False
+    request_id: str | None = None
+    spec: BootSpec | None = None
 
 
 class Runtime:
@@ -122,6 +145,11 @@ class Runtime:
         state = "closed" if self._closed else f"{len(self._ctx.board.all())} instances"
         return f"<Runtime {state} state_dir={str(self._ctx.state_dir)!r}>"
 
+    @property
+    def state_dir(self) -> Path:
+        """The folder holding this runtime's server ledger and per-instance logs."""
+        return self._ctx.state_dir
+
     # -- resolving ----------------------------------------------------------------------
 
     def resolve_endpoint(
@@ -143,20 +171,17 @@ class Runtime:
         cannot come up, and :class:`WaitTimeoutError` when ``timeout`` passes (the
         instance keeps starting for others; nothing is leased to this caller).
         """
-        self._check_open()
-        future: pykka.ThreadingFuture[Resolution] = pykka.ThreadingFuture()
-        message = resolve_message(
+        request = self._resolve_request(
             spec,
             consumer,
             owner_ref=owner_ref,
             ttl_ms=ttl_ms,
             policy=policy,
-            defaults=(self.lease_ttl_ms, self.policy),
-            reply=future,
+            timeout=timeout,
+            future=pykka.ThreadingFuture(),
         )
-        self._tell(message)
-        what = f"an endpoint for {message.spec.alias}"
-        resolution: Resolution = self._wait(future, timeout, message.request_id, what, message.spec)
+        self._send(request)
+        resolution: Resolution = self._wait(request)
         return resolution
 
     def ensure_instance(
@@ -168,14 +193,11 @@ class Runtime:
     ) -> RuntimeSnapshot:
         """Spawn or reuse the instance for ``spec`` and wait until it is ready, without
         taking a lease. Returns its snapshot."""
-        self._check_open()
-        future: pykka.ThreadingFuture[RuntimeSnapshot] = pykka.ThreadingFuture()
-        message = ensure_message(spec, policy or self.policy, future)
-        self._tell(message)
-        what = f"instance {message.spec.alias}"
-        snapshot: RuntimeSnapshot = self._wait(
-            future, timeout, message.request_id, what, message.spec
+        request = self._ensure_request(
+            spec, policy=policy, timeout=timeout, future=pykka.ThreadingFuture()
         )
+        self._send(request)
+        snapshot: RuntimeSnapshot = self._wait(request)
         return snapshot
 
     # -- leases -------------------------------------------------------------------------
@@ -185,21 +207,18 @@ class Runtime:
 
         Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone.
         """
-        self._check_open()
-        if ttl_ms is not None:
-            check_ttl(ttl_ms)
-        future: pykka.ThreadingFuture[Lease] = pykka.ThreadingFuture()
-        tell(self._ctx.broker, RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=future))
-        lease: Lease = self._wait(future, self.ask_timeout, None, f"renewing {lease_ref}")
+        request = self._renew_request(lease_ref, ttl_ms, pykka.ThreadingFuture())
+        self._send(request)
+        lease: Lease = self._wait(request)
         return lease
 
     def release(self, lease_ref: str) -> bool:
         """End a lease. Idempotent: True if it was live, False if it had already ended."""
-        if self._closed:
+        request = self._release_request(lease_ref, pykka.ThreadingFuture())
+        if request is None:
             return False
-        future: pykka.ThreadingFuture[bool] = pykka.ThreadingFuture()
-        tell(self._ctx.broker, ReleaseLease(lease_ref=lease_ref, reply=future))
-        released: bool = self._wait(future, self.ask_timeout, None, f"releasing {lease_ref}")
+        self._send(request)
+        released: bool = self._wait(request)
         return released
 
     # -- looking ------------------------------------------------------------------------
@@ -252,33 +271,21 @@ class Runtime:
         def wake(_sender: object, **_: object) -> None:
             changed.set()
 
-        receivers = (health_changed, instance_failed, instance_stopped)
-        for signal in receivers:
+        for signal in HEALTH_SIGNALS:
             signal.connect(wake, sender=instance_id, weak=False)
         try:
             deadline = _now() + timeout
             while True:
                 changed.clear()
                 snap = self.snapshot(instance_id)
-                if snap.state == "ready" and snap.health == "healthy":
+                if healthy_or_raise(snap, timeout, deadline - _now()):
                     return snap
-                if snap.state in ("failed", "stopped"):
-                    raise InstanceFailedError(
-                        f"instance {instance_id} is {snap.state}"
-                        f"{': ' + snap.last_error if snap.last_error else ''}",
-                        instance_id=instance_id,
-                        reason=snap.last_error or snap.state,
-                    )
-                remaining = deadline - _now()
-                if remaining <= 0:
-                    raise WaitTimeoutError(
-                        f"instance {instance_id} is not healthy after {timeout:g}s "
-                        f"(state {snap.state}, health {snap.health}); it keeps running"
-                    )
-                changed.wait(remaining)
+                changed.wait(deadline - _now())
         finally:
-            for signal in receivers:
-                signal.disconnect(wake, sender=instance_id)
+            # No sender here: blinker's disconnect(fn, sender=...) keeps fn connected
+            # (and strongly held) with no sender, so each wait would leak a receiver.
+            for signal in HEALTH_SIGNALS:
+                signal.disconnect(wake)
 
     # -- stopping -----------------------------------------------------------------------
 
@@ -289,22 +296,9 @@ class Runtime:
         given ``drain_timeout`` seconds (the policy's ``drain_timeout_ms`` by default)
         to release, then SIGTERM, then SIGKILL after the spec's ``stop_timeout_ms``.
         Idempotent; returns the final snapshot."""
-        self._check_open()
-        snap = self.snapshot(instance_id)
-        future: pykka.ThreadingFuture[RuntimeSnapshot] = pykka.ThreadingFuture()
-        self._tell(
-            StopRequest(
-                instance_id=instance_id,
-                reason="stop_instance()",
-                drain_timeout_s=drain_timeout,
-                reply=future,
-            )
-        )
-        if timeout is None:
-            timeout = (
-                drain_timeout if drain_timeout is not None else self.policy.drain_timeout_ms / 1000
-            ) + 30.0
-        result: RuntimeSnapshot = self._wait(future, timeout, None, f"stopping {snap.instance_id}")
+        request = self._stop_request(instance_id, drain_timeout, timeout, pykka.ThreadingFuture())
+        self._send(request)
+        result: RuntimeSnapshot = self._wait(request)
         return result
 
     def close(self, timeout: float = 60.0) -> None:
@@ -368,23 +362,112 @@ class Runtime:
         if not tell(self._ctx.supervisor, message):
             raise RuntimeClosedError("this Runtime's supervisor has stopped; create a new Runtime")
 
-    def _wait(
+    # Each blocking call is built as a Request (checked in the caller's thread), sent,
+    # then waited for. The asyncio face (llama_actors._aio) builds and sends the same
+    # requests and awaits their answers instead of blocking on them.
+
+    def _resolve_request(
         self,
-        future: pykka.Future[Any],
+        spec: BootSpec | Mapping[str, Any],
+        consumer: Consumer | None,
+        *,
+        owner_ref: str | None,
+        ttl_ms: int | None,
+        policy: InstancePolicy | None,
         timeout: float,
-        request_id: str | None,
-        what: str,
-        spec: BootSpec | None = None,
-    ) -> Any:
+        future: pykka.Future[Any],
+    ) -> Request:
+        self._check_open()
+        message = resolve_message(
+            spec,
+            consumer,
+            owner_ref=owner_ref,
+            ttl_ms=ttl_ms,
+            policy=policy,
+            defaults=(self.lease_ttl_ms, self.policy),
+            reply=future,
+        )
+        what = f"an endpoint for {message.spec.alias}"
+        return Request(message, future, timeout, what, False, message.request_id, message.spec)
+
+    def _ensure_request(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        *,
+        policy: InstancePolicy | None,
+        timeout: float,
+        future: pykka.Future[Any],
+    ) -> Request:
+        self._check_open()
+        message = ensure_message(spec, policy or self.policy, future)
+        what = f"instance {message.spec.alias}"
+        return Request(message, future, timeout, what, False, message.request_id, message.spec)
+
+    def _renew_request(
+        self, lease_ref: str, ttl_ms: int | None, future: pykka.Future[Any]
+    ) -> Request:
+        self._check_open()
+        if ttl_ms is not None:
+            check_ttl(ttl_ms)
+        message = RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=future)
+        return Request(message, future, self.ask_timeout, f"renewing {lease_ref}", to_broker=True)
+
+    def _release_request(self, lease_ref: str, future: pykka.Future[Any]) -> Request | None:
+        """None when the runtime is closed (every lease has ended then)."""
+        if self._closed:
+            return None
+        message = ReleaseLease(lease_ref=lease_ref, reply=future)
+        return Request(message, future, self.ask_timeout, f"releasing {lease_ref}", to_broker=True)
+
+    def _stop_request(
+        self,
+        instance_id: str,
+        drain_timeout: float | None,
+        timeout: float | None,
+        future: pykka.Future[Any],
+    ) -> Request:
+        self._check_open()
+        snap = self.snapshot(instance_id)
+        message = StopRequest(
+            instance_id=instance_id,
+            reason="stop_instance()",
+            drain_timeout_s=drain_timeout,
+            reply=future,
+        )
+        if timeout is None:
+            timeout = (
+                drain_timeout if drain_timeout is not None else self.policy.drain_timeout_ms / 1000
+            ) + 30.0
+        return Request(message, future, timeout, f"stopping {snap.instance_id}")
+
+    def _send(self, request: Request) -> None:
+        if request.to_broker:
+            tell(self._ctx.broker, request.message)
+        else:
+            self._tell(request.message)
+
+    def _wait(self, request: Request) -> Any:
         try:
-            return future.get(timeout=timeout)
+            return request.future.get(timeout=request.timeout)
         except pykka.Timeout:
-            if request_id is not None:
-                tell(self._ctx.supervisor, CancelRequest(request_id=request_id))
-            _raise_timeout(what, timeout, self._describe(spec))
+            raise self._timed_out(request) from None
         except LlamaActorsError as exc:
             # Raised again from here, so the traceback ends in the caller's frame.
             raise exc.with_traceback(None) from None
+
+    def _abandon(self, request: Request) -> None:
+        """The caller stopped waiting: the supervisor forgets the request, and a lease
+        granted for it in the meantime is released, so none leaks."""
+        if request.request_id is not None:
+            tell(self._ctx.supervisor, CancelRequest(request_id=request.request_id))
+
+    def _timed_out(self, request: Request) -> WaitTimeoutError:
+        """Abandon ``request`` and say what timed out (raise what this returns)."""
+        self._abandon(request)
+        return WaitTimeoutError(
+            f"no answer for {request.what} within {request.timeout:g}s"
+            f"{self._describe(request.spec)}"
+        )
 
     def _describe(self, spec: BootSpec | None) -> str:
         if spec is None:
@@ -398,8 +481,25 @@ class Runtime:
         return ""
 
 
-def _raise_timeout(what: str, timeout: float, detail: str) -> NoReturn:
-    raise WaitTimeoutError(f"no answer for {what} within {timeout:g}s{detail}") from None
+def healthy_or_raise(snap: RuntimeSnapshot, timeout: float, remaining: float) -> bool:
+    """One step of wait_healthy(): True once ``snap`` is ready and healthy,
+    :class:`InstanceFailedError` once it failed or stopped, :class:`WaitTimeoutError`
+    when no time is ``remaining``, else False (wait for the next signal)."""
+    if snap.state == "ready" and snap.health == "healthy":
+        return True
+    if snap.state in ("failed", "stopped"):
+        raise InstanceFailedError(
+            f"instance {snap.instance_id} is {snap.state}"
+            f"{': ' + snap.last_error if snap.last_error else ''}",
+            instance_id=snap.instance_id,
+            reason=snap.last_error or snap.state,
+        )
+    if remaining <= 0:
+        raise WaitTimeoutError(
+            f"instance {snap.instance_id} is not healthy after {timeout:g}s "
+            f"(state {snap.state}, health {snap.health}); it keeps running"
+        )
+    return False
 
 
 def _now() -> float:

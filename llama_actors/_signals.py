@@ -121,8 +121,10 @@ def emit(signal: blinker.NamedSignal, instance_id: str, **payload: Any) -> None:
 
 def _log_transition(name: str, iid: str, p: dict[str, Any]) -> None:
     level = _LEVELS.get(name, logging.INFO)
-    if name == "health-changed" and p.get("new") == "healthy":
-        level = logging.INFO
+    if name == "health-changed" and (
+        p.get("new") == "healthy" or str(p.get("reason", "")).startswith("stopped")
+    ):
+        level = logging.INFO  # recovery, or the end of a stop somebody asked for
     if not transitions_log.isEnabledFor(level):
         return
     transitions_log.log(level, "%s", describe(name, iid, p))

