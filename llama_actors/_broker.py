@@ -172,12 +172,14 @@ class LeaseBroker(pykka.ThreadingActor):
         lease = self.table.release(ref)
         if lease is None:
             return False
+        self._count(lease.instance_id)  # receivers read the new count from snapshots
         emit(lease_released, lease.instance_id, lease=lease, reason=reason)
         self._after_end(lease.instance_id)
         return True
 
     def _sweep(self) -> None:
         for lease in self.table.expire_due():
+            self._count(lease.instance_id)
             emit(lease_expired, lease.instance_id, lease=lease)
             self._after_end(lease.instance_id)
 
