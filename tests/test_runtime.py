@@ -172,6 +172,28 @@ def test_concurrent_resolves_of_one_identity_spawn_exactly_one_server(
     assert runtime.snapshot(results[0].instance.instance_id).lease_count == 6
 
 
+def test_a_snapshot_says_which_phase_a_starting_instance_is_in(
+    runtime: Runtime, fake: Fake, recorder: SignalRecorder
+) -> None:
+    spec = fake.spec({"load_seconds": "1.5"})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(runtime.ensure_instance, spec)
+        iid = recorder.wait_for("instance_starting", timeout=WAIT).instance_id
+        phases = {runtime.snapshot(iid).phase}
+        seen = threading.Event()
+        deadline = WAIT
+        while "loading" not in phases and not pending.done() and deadline > 0:
+            seen.wait(0.01)  # a UI-style look at the board, as `up` and the demo do
+            deadline -= 0.01
+            phases.add(runtime.snapshot(iid).phase)
+        ready = pending.result(WAIT)
+
+    assert "loading" in phases
+    assert phases <= {"spawning", "spawned", "loading", "connecting", "waiting"}
+    assert ready.state == "ready"
+    assert ready.phase is None
+
+
 def test_two_identities_get_two_servers_on_different_auto_ports(
     runtime: Runtime, tmp_path: Path
 ) -> None:
