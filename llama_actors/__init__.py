@@ -1,6 +1,13 @@
 """llama_actors: llama.cpp's llama-server as supervised actors behind leased endpoints."""
 
 from llama_actors import signals
+from llama_actors._aio import (
+    AsyncRuntime,
+    SignalEvent,
+    SignalOverflowError,
+    SignalStream,
+    signal_stream,
+)
 from llama_actors._binary import (
     FlagInfo,
     ServerBinary,
@@ -74,6 +81,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NON_RETRYABLE",
+    "AsyncRuntime",
     "BackendManifest",
     "BinaryError",
     "BinaryNotFoundError",
@@ -125,6 +133,9 @@ __all__ = [
     "ServerBinary",
     "ServerExitedError",
     "ServerProcess",
+    "SignalEvent",
+    "SignalOverflowError",
+    "SignalStream",
     "SpawnError",
     "Supervisor",
     "Timers",
@@ -145,5 +156,6 @@ __all__ = [
     "parse_version",
     "probe_binary",
     "render_command",
+    "signal_stream",
     "signals",
 ]

@@ -633,7 +633,7 @@ def test_signals_can_be_filtered_by_instance_id(runtime: Runtime, tmp_path: Path
         runtime.resolve_endpoint(Fake(tmp_path / "two").spec(), "tests")
         runtime.resolve_endpoint(Fake(tmp_path / "one").spec(), "tests")
     finally:
-        signals.lease_granted.disconnect(record, sender=one.instance_id)
+        signals.lease_granted.disconnect(record)
 
     assert seen == [one.instance_id]
 

@@ -1,0 +1,315 @@
+"""Prometheus metrics of a runtime, scraped over HTTP the way Prometheus would."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llama_actors import LlamaActorsError, Runtime, UsageError, signals
+from llama_actors.metrics import MetricsServer, RuntimeMetrics
+from llama_actors.testing.signals import SignalRecorder
+
+from .test_runtime import FAST, WAIT, Fake
+
+STATES = ("starting", "ready", "stopping", "stopped", "failed")
+HEALTHS = ("unknown", "healthy", "degraded", "unavailable")
+
+
+class Scrape:
+    """One scrape's samples, looked up by name and a subset of their labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    def find(self, name: str, **labels: str) -> list[Any]:
+        return [
+            s
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        found = self.find(name, **labels)
+        assert len(found) == 1, f"{len(found)} samples {name} {labels} in:\n{self.text}"
+        return float(found[0].value)
+
+    def one_hot(self, name: str, label: str, iid: str) -> dict[str, float]:
+        return {s.labels[label]: s.value for s in self.find(name, instance_id=iid)}
+
+
+class Probes:
+    """Counts ``probe_completed`` sends (not a transition, so SignalRecorder skips it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> Probes:
+        signals.probe_completed.connect(self._receive, weak=False)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        signals.probe_completed.disconnect(self._receive)
+
+    def _receive(self, _sender: str, **_: Any) -> None:
+        with self._cond:
+            self.count += 1
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.count >= count, timeout):
+                raise AssertionError(f"only {self.count} of {count} probes within {timeout:g}s")
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Fake:
+    return Fake(tmp_path / "fake")
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    with Runtime(state_dir=tmp_path / "state", policy=FAST) as rt:
+        yield rt
+
+
+@pytest.fixture
+def metrics(runtime: Runtime) -> Iterator[RuntimeMetrics]:
+    with RuntimeMetrics(runtime) as m:
+        yield m
+
+
+@pytest.fixture
+def server(metrics: RuntimeMetrics) -> Iterator[MetricsServer]:
+    with metrics.serve(port=0) as srv:
+        yield srv
+
+
+@pytest.fixture
+def recorder(metrics: RuntimeMetrics) -> Iterator[SignalRecorder]:
+    # Connected after the metrics' receivers, which blinker calls first: once the
+    # recorder has seen a signal, the metrics have counted it.
+    with SignalRecorder() as rec:
+        yield rec
+
+
+def scrape(server: MetricsServer) -> Scrape:
+    answer = httpx.get(server.url, timeout=5, trust_env=False)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    return Scrape(answer.text)
+
+
+def test_a_scrape_shows_a_ready_healthy_instance_its_lease_and_its_time_to_ready(
+    runtime: Runtime, fake: Fake, server: MetricsServer
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
+    iid = resolution.instance.instance_id
+
+    got = scrape(server)
+
+    assert server.url.startswith("http://127.0.0.1:")
+    assert got.one_hot("llama_actors_instance_state", "state", iid) == {
+        s: float(s == "ready") for s in STATES
+    }
+    assert got.one_hot("llama_actors_instance_health", "health", iid) == {
+        h: float(h == "healthy") for h in HEALTHS
+    }
+    key = resolution.instance.instance_key
+    assert got.value("llama_actors_instance_leases", instance_id=iid, instance_key=key) == 1
+    assert got.value("llama_actors_instance_restarts_total", instance_id=iid) == 0
+    assert got.value("llama_actors_instance_uptime_seconds", instance_id=iid) >= 0
+    assert got.value("llama_actors_time_to_ready_seconds_count", boot="first") == 1
+    assert got.value("llama_actors_time_to_ready_seconds_count", boot="restart") == 0
+    last_ready = got.value("llama_actors_instance_last_time_to_ready_seconds", instance_id=iid)
+    assert got.value("llama_actors_time_to_ready_seconds_sum", boot="first") == last_ready > 0
+    assert got.value("llama_actors_leases_granted_total") == 1
+
+
+def test_releasing_a_lease_brings_leases_held_back_to_zero_and_counts_the_release(
+    runtime: Runtime, fake: Fake, server: MetricsServer
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
+    iid = resolution.instance.instance_id
+    assert scrape(server).value("llama_actors_instance_leases", instance_id=iid) == 1
+
+    runtime.release(resolution.lease.lease_ref)
+
+    got = scrape(server)
+    assert got.value("llama_actors_instance_leases", instance_id=iid) == 0
+    assert got.value("llama_actors_leases_released_total", reason="released") == 1
+    assert got.value("llama_actors_leases_released_total", reason="drained") == 0
+
+
+def test_renewals_and_expiries_are_counted(
+    runtime: Runtime, fake: Fake, server: MetricsServer, recorder: SignalRecorder
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests", ttl_ms=60_000)
+    runtime.renew(resolution.lease.lease_ref, ttl_ms=50)
+    recorder.wait_for("lease_expired", timeout=WAIT)
+
+    got = scrape(server)
+
+    assert got.value("llama_actors_leases_renewed_total") == 1
+    assert got.value("llama_actors_leases_expired_total") == 1
+    iid = resolution.instance.instance_id
+    assert got.value("llama_actors_instance_leases", instance_id=iid) == 0
+
+
+def test_every_health_probe_adds_to_the_probe_latency_histogram(
+    runtime: Runtime, fake: Fake, server: MetricsServer, metrics: RuntimeMetrics
+) -> None:
+    iid = runtime.resolve_endpoint(fake.spec(), "tests").instance.instance_id
+    with Probes() as probes:
+        probes.wait_for(3, timeout=WAIT)
+
+    got = scrape(server)
+
+    healthy = got.value("llama_actors_probe_latency_seconds_count", verdict="healthy")
+    assert healthy >= 3
+    assert got.value("llama_actors_probe_latency_seconds_bucket", verdict="healthy", le="+Inf") == (
+        healthy
+    )
+    assert got.value("llama_actors_probe_latency_seconds_sum", verdict="healthy") > 0
+    assert 0 < got.value("llama_actors_instance_last_probe_latency_seconds", instance_id=iid) < 1
+
+
+def test_degraded_health_shows_in_the_health_gauge_and_as_degraded_probes(
+    runtime: Runtime, fake: Fake, server: MetricsServer, recorder: SignalRecorder
+) -> None:
+    iid = runtime.resolve_endpoint(fake.spec(), "tests").instance.instance_id
+
+    fake.set(health="degraded")
+    recorder.wait_for("health_changed", iid, new="degraded", timeout=WAIT)
+
+    got = scrape(server)
+    assert got.one_hot("llama_actors_instance_health", "health", iid) == {
+        h: float(h == "degraded") for h in HEALTHS
+    }
+    assert got.value("llama_actors_instance_state", instance_id=iid, state="ready") == 1
+    assert got.value("llama_actors_probe_latency_seconds_count", verdict="degraded") >= 1
+
+
+def test_a_killed_and_restarted_server_counts_one_restart_and_a_restart_time_to_ready(
+    runtime: Runtime, fake: Fake, server: MetricsServer, recorder: SignalRecorder
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
+    iid, pid = resolution.instance.instance_id, resolution.instance.pid
+    assert pid is not None
+
+    os.kill(pid, signal.SIGKILL)
+    recorder.wait_for("instance_ready", iid, timeout=WAIT, count=2)
+
+    got = scrape(server)
+    assert got.value("llama_actors_instance_restarts_total", instance_id=iid) == 1
+    assert got.value("llama_actors_time_to_ready_seconds_count", boot="first") == 1
+    assert got.value("llama_actors_time_to_ready_seconds_count", boot="restart") == 1
+    assert got.value("llama_actors_instance_state", instance_id=iid, state="ready") == 1
+    assert got.value("llama_actors_instance_leases", instance_id=iid) == 1
+
+
+def test_a_stopped_instance_shows_stopped_and_disappears_once_the_runtime_forgets_it(
+    runtime: Runtime, tmp_path: Path, server: MetricsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("llama_actors._supervisor.KEEP_FINISHED", 1)
+    first = runtime.ensure_instance(Fake(tmp_path / "a").spec()).instance_id
+    runtime.stop_instance(first)
+    assert scrape(server).value("llama_actors_instance_state", instance_id=first, state="stopped")
+
+    second = runtime.ensure_instance(Fake(tmp_path / "b").spec()).instance_id
+    runtime.stop_instance(second)
+
+    got = scrape(server)
+    assert got.find("llama_actors_instance_state", instance_id=first) == []
+    assert got.find("llama_actors_instance_last_time_to_ready_seconds", instance_id=first) == []
+    assert got.value("llama_actors_instance_state", instance_id=second, state="stopped") == 1
+    assert got.value("llama_actors_instance_uptime_seconds", instance_id=second) == 0
+
+
+def test_metrics_count_only_the_instances_of_their_own_runtime(
+    runtime: Runtime, tmp_path: Path, server: MetricsServer
+) -> None:
+    with Runtime(state_dir=tmp_path / "other-state", policy=FAST) as other:
+        other.resolve_endpoint(Fake(tmp_path / "other").spec(), "tests")
+
+        got = scrape(server)
+
+    assert got.find("llama_actors_instance_state") == []
+    assert got.value("llama_actors_leases_granted_total") == 0
+    assert got.value("llama_actors_time_to_ready_seconds_count", boot="first") == 0
+
+
+def test_closing_the_metrics_unregisters_them_and_disconnects_their_receivers(
+    runtime: Runtime,
+) -> None:
+    before = len(signals.instance_ready.receivers)
+    metrics = RuntimeMetrics(runtime)
+    assert "llama_actors_leases_granted_total" in metrics.text()
+    assert len(signals.instance_ready.receivers) == before + 1
+
+    metrics.close()
+    metrics.close()
+
+    assert metrics.text() == ""
+    assert len(signals.instance_ready.receivers) == before
+    assert "closed" in repr(metrics)
+
+
+def test_two_metrics_on_one_registry_need_two_namespaces(
+    runtime: Runtime, metrics: RuntimeMetrics
+) -> None:
+    with pytest.raises(UsageError, match="another namespace or registry"):
+        RuntimeMetrics(runtime, metrics.registry)
+
+    with RuntimeMetrics(runtime, metrics.registry, namespace="second") as second:
+        assert "second_instance_leases" in metrics.text()
+        assert second.registry is metrics.registry
+
+
+def test_a_namespace_that_is_not_a_prometheus_name_is_a_usage_error(runtime: Runtime) -> None:
+    with pytest.raises(UsageError, match=r"namespace must be .* got 'llama-actors'"):
+        RuntimeMetrics(runtime, namespace="llama-actors")
+
+
+def test_serving_on_a_port_that_is_taken_says_which_and_what_to_do(
+    metrics: RuntimeMetrics,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        with pytest.raises(UsageError, match=rf"127\.0\.0\.1:{port}: .*port 0 for any free one"):
+            metrics.serve(port=port)
+
+
+def test_without_prometheus_client_importing_the_module_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [n for n in sys.modules if n.split(".")[0] == "prometheus_client"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "llama_actors.metrics")
+
+    with pytest.raises(LlamaActorsError) as caught:
+        importlib.import_module("llama_actors.metrics")
+
+    assert type(caught.value).__name__ == "MetricsUnavailableError"
+    assert "pip install 'llama-actors[metrics]'" in str(caught.value)
+    assert isinstance(caught.value, ImportError)
+
+
+def test_buckets_that_do_not_increase_are_a_usage_error(runtime: Runtime) -> None:
+    with pytest.raises(UsageError, match=r"time_to_ready_seconds buckets .* got \(5, 1\)"):
+        RuntimeMetrics(runtime, time_to_ready_buckets=(5, 1))
