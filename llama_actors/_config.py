@@ -8,7 +8,7 @@
     ctx_size = 4096
 
     [backends.chat.policy]        # optional: InstancePolicy fields
-    idle_shutdown_ms = 300000
+    idle_shutdown_ms = 300000     # false (TOML has no null) means None: never
 
     [backends.chat.policy.restart]  # optional: RestartPolicy fields
     max_restarts = 3
@@ -174,6 +174,9 @@ def _validate(
     return specs, policies, errors
 
 
+_OPTIONAL_POLICY_FIELDS = ("idle_shutdown_ms", "wedged_restart_ms")
+
+
 def _policy(table: Any) -> InstancePolicy:
     """An :class:`InstancePolicy` from a TOML table; errors name the field."""
     if not isinstance(table, Mapping):
@@ -184,8 +187,12 @@ def _policy(table: Any) -> InstancePolicy:
         if not isinstance(restart, Mapping):
             raise BootSpecError("restart", restart, "must be a table of RestartPolicy fields")
         _check_keys(restart, RestartPolicy, "restart.")
+    fields = dict(table)
+    for name in _OPTIONAL_POLICY_FIELDS:
+        if fields.get(name) is False:  # TOML has no null: false turns the feature off
+            fields[name] = None
     try:
-        return msgspec.convert(table, InstancePolicy)
+        return msgspec.convert(fields, InstancePolicy)
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
         field = where.rstrip("`").lstrip(".")

@@ -21,7 +21,7 @@ instance_stopped     ``reason``, ``exit`` (ProcessExit or None)
 lease_granted        ``lease``
 lease_renewed        ``lease``
 lease_released       ``lease``, ``reason`` (``released``, ``drained``,
-                     ``instance stopped``)
+                     ``instance stopped``, ``instance failed``)
 lease_expired        ``lease``
 ===================  ==============================================================
 

@@ -195,3 +195,15 @@ def test_an_unset_variable_in_a_path_is_an_error_naming_it(
         load_config(path)
     assert caught.value.field == "backends.chat.model"
     assert "NO_SUCH_MODELS is not set" in str(caught.value)
+
+
+def test_false_turns_an_optional_policy_feature_off_since_toml_has_no_null(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        '[backends.chat]\nmodel = "/m.gguf"\n[backends.chat.policy]\nwedged_restart_ms = false\n',
+    )
+    policy = load_config(path).policy("chat")
+    assert policy is not None
+    assert policy.wedged_restart_ms is None

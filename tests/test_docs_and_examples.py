@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "guides").glob("*.md"))]
@@ -103,3 +109,212 @@ def test_the_chat_with_runtime_example_leases_chats_through_the_openai_sdk_and_s
     assert f"closed: server pid {starting.group(1)} is gone" in out
     assert "sk-example-runtime" not in out
     assert "sk-example-runtime" not in done.stderr
+
+
+def _run_example(name: str, *args: str, timeout: float = 170) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _check_health_subscriber(out: str) -> None:
+    killed = re.search(r"^killed pid (\d+) with SIGKILL$", out, re.M)
+    assert killed is not None, out
+    events = re.findall(r"^event: (\w+)", out, re.M)
+    assert events == [
+        "health_changed",
+        "instance_restarting",
+        "instance_ready",
+        "health_changed",
+    ], out
+    assert re.search(r"^event: health_changed healthy -> unavailable \(process exited", out, re.M)
+    assert re.search(r"^event: instance_restarting attempt=1 ", out, re.M), out
+    assert re.search(r"^event: health_changed unavailable -> healthy ", out, re.M), out
+    before = re.search(r"ready/healthy, pid (\d+), port (\d+)$", out, re.M)
+    after = re.search(r"ready/healthy, pid (\d+), port (\d+), restarts 1$", out, re.M)
+    assert before is not None, out
+    assert after is not None, out
+    assert before.group(1) == killed.group(1) != after.group(1)
+    assert before.group(2) == after.group(2)  # the restart kept the port
+    assert "closed: the runtime stopped the restarted server" in out
+
+
+@pytest.mark.timeout(120)
+def test_the_health_subscriber_example_sees_a_killed_fake_server_restarted() -> None:
+    done = _run_example("health_subscriber.py", "--fake", timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
+    _check_health_subscriber(done.stdout)
+
+
+@pytest.mark.real_server
+@pytest.mark.timeout(200)
+def test_the_health_subscriber_example_sees_the_killed_real_server_restarted() -> None:
+    done = _run_example("health_subscriber.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    _check_health_subscriber(done.stdout)
+
+
+def _check_shared_instance(out: str) -> None:
+    alice = re.search(r"^alice: instance (\S+), reused=False, lease (\S+)$", out, re.M)
+    bob = re.search(
+        r"^bob:   instance (\S+), reused=True, lease (\S+) \(ttl 60000 ms\)$", out, re.M
+    )
+    assert alice is not None, out
+    assert bob is not None, out
+    assert alice.group(1) == bob.group(1)
+    assert alice.group(2) != bob.group(2)  # one lease each
+    for line in (
+        "same instance: True; leases held: 2",
+        "alice releases: True; again: False",
+        "after alice: ready, leases held: 1",
+        "bob renews for 1500 ms, then stops renewing",
+        "bob's lease expired: True",
+        "bob renews too late: LeaseExpiredError",
+        "finally: stopped, pid None, leases held: 0",
+    ):
+        assert line in out, f"no {line!r} in:\n{out}"
+    assert re.search(r"^bob chats: '\S", out, re.M), out
+    assert re.search(r"^instance_stopped after [\d.]+s idle: idle: ", out, re.M), out
+
+
+@pytest.mark.timeout(120)
+def test_the_shared_instance_example_shares_a_fake_server_then_stops_it_when_idle() -> None:
+    done = _run_example("shared_instance.py", "--fake", timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
+    _check_shared_instance(done.stdout)
+
+
+@pytest.mark.real_server
+@pytest.mark.timeout(200)
+def test_the_shared_instance_example_shares_the_real_server_then_stops_it_when_idle() -> None:
+    done = _run_example("shared_instance.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    _check_shared_instance(done.stdout)
+
+
+def _printed_metric(out: str, name: str, **labels: str) -> float:
+    """The value of the one metric line the example printed for ``name`` and ``labels``."""
+    text = "".join(f"{line}\n" for line in out.splitlines() if line.startswith("llama_actors_"))
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(values) == 1, f"{len(values)} lines {name} {labels} in:\n{out}"
+    return float(values[0])
+
+
+def test_the_metrics_example_serves_and_prints_the_metrics_of_a_fake_server_until_ctrl_c(
+    tmp_path: Path,
+) -> None:
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr:
+        example = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "metrics.py"), "--fake", "--serve", "60"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read(stream: Any) -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, args=(example.stdout,), daemon=True)
+    reader.start()
+    printed = ""
+    try:
+        while not printed.endswith(("Ctrl-C ends it sooner)\n", "EOF")):
+            line = lines.get(timeout=60)
+            printed += "EOF" if line is None else line
+        url = re.search(r"^metrics: (http://127\.0\.0\.1:\d+/metrics)$", printed, re.M)
+        assert url is not None, printed + errors.read_text()
+        scraped = httpx.get(url.group(1), timeout=5, trust_env=False)
+        example.send_signal(signal.SIGINT)  # what Ctrl-C does
+        example.wait(timeout=60)
+    finally:
+        if example.poll() is None:
+            example.kill()
+            example.wait(timeout=10)
+        reader.join(timeout=10)
+        if example.stdout is not None:
+            example.stdout.close()
+    rest = "".join(iter(lambda: lines.get_nowait() or "", ""))
+    err = errors.read_text()
+    assert example.returncode == 0, err
+    assert "closed: metrics server and runtime stopped" in rest
+    assert scraped.status_code == 200
+    assert "llama_actors_probe_latency_seconds_bucket" in scraped.text
+    assert _printed_metric(printed, "llama_actors_instance_state", state="ready") == 1
+    assert _printed_metric(printed, "llama_actors_instance_health", health="healthy") == 1
+    assert _printed_metric(printed, "llama_actors_instance_leases") == 1
+    assert _printed_metric(printed, "llama_actors_time_to_ready_seconds_count", boot="first") == 1
+    assert (
+        _printed_metric(printed, "llama_actors_probe_latency_seconds_count", verdict="healthy") >= 1
+    )
+    assert _printed_metric(printed, "llama_actors_leases_granted_total") == 1
+
+
+@pytest.mark.real_server
+@pytest.mark.timeout(200)
+def test_the_metrics_example_prints_the_metrics_of_the_real_server_and_exits() -> None:
+    done = _run_example("metrics.py")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^metrics: http://127\.0\.0\.1:\d+/metrics$", done.stdout, re.M)
+    assert re.search(
+        r"^endpoint: http://127\.0\.0\.1:\d+/v1 \(instance gemma-\w+\)$", done.stdout, re.M
+    )
+    assert _printed_metric(done.stdout, "llama_actors_instance_state", state="ready") == 1
+    assert _printed_metric(done.stdout, "llama_actors_instance_health", health="healthy") == 1
+    assert (
+        _printed_metric(done.stdout, "llama_actors_time_to_ready_seconds_count", boot="first") == 1
+    )
+    assert (
+        _printed_metric(done.stdout, "llama_actors_probe_latency_seconds_count", verdict="healthy")
+        >= 1
+    )
+    assert "closed: metrics server and runtime stopped" in done.stdout
+
+
+def _run_asyncio_service(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "asyncio_service.py"), "--self-test", *args],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "status before: {'model': 'not resolved'}" in out  # nothing started before use
+    # Three concurrent first questions, one resolve and one lease between them.
+    assert len(re.findall(r"^resolved on demand: instance \S+ \(lease \S+\)$", out, re.M)) == 1
+    assert [int(n) for n in re.findall(r"^answer (\d): ", out, re.M)] == [1, 2, 3], out
+    assert "status after: {'model': 'ready', 'health': 'healthy', 'leases': 1}" in out
+    names = re.findall(r"^signal: (\w+) instance=", out, re.M)
+    steps = ["instance_starting", "instance_ready", "lease_granted", "lease_released"]
+    assert [n for n in names if n in steps] == steps, out
+    assert names[-1] == "instance_stopped", out
+    assert re.search(r"^closed: server pid \d+ is gone$", out, re.M), out
+    assert "sk-example-asyncio" not in out + done.stderr
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_the_asyncio_service_example_starts_the_fake_model_on_its_first_question() -> None:
+    out = _run_asyncio_service("--fake")
+    assert "answer 1: You said: Name one colour." in out
+
+
+@pytest.mark.real_server
+@pytest.mark.timeout(200)
+def test_the_asyncio_service_example_starts_the_real_model_on_its_first_question() -> None:
+    _run_asyncio_service()
