@@ -89,6 +89,7 @@ class BackendActor(pykka.ThreadingActor):
         self.restarts = RestartTracker(policy.restart, context.rng)
         self._plan: LaunchPlan | None = None
         self._last_port: int | None = None
+        self._pinned = False  # this spawn asked for _last_port instead of any free port
         self._deadline: StallDeadline | None = None
         self._last_output = 0.0
         self._last_probe = "no probe yet"
@@ -194,6 +195,7 @@ class BackendActor(pykka.ThreadingActor):
 
     def _start(self, plan: LaunchPlan, gen: int) -> ServerProcess:
         me = self.actor_ref
+        self._pinned = False
         timers = self.ctx.timers
 
         def on_line(line: str) -> None:
@@ -216,7 +218,9 @@ class BackendActor(pykka.ThreadingActor):
             # A restart keeps the port its lease holders know, when it is still free.
             pinned = msgspec.structs.replace(self.spec, port=self._last_port)
             try:
-                return ServerProcess.start(render_command(pinned, plan.binary), **kwargs)
+                process = ServerProcess.start(render_command(pinned, plan.binary), **kwargs)
+                self._pinned = True
+                return process
             except PortInUseError:
                 log.info(
                     "instance %s: port %s is taken; restarting on a new port",
@@ -379,7 +383,14 @@ class BackendActor(pykka.ThreadingActor):
             self._give_up(message, ServerExitedError(message, report), report)
             return
         self._set_health("unavailable", f"process exited: {why}")
-        if not report.retryable:
+        if self._pinned and report.failure == "bind_failure":
+            # Another program took the old port between our check and the server's bind:
+            # the next attempt takes any free port, so this one is worth retrying.
+            log.info(
+                "instance %s: its old port was taken; restarting on a new port", self.instance_id
+            )
+            self._last_port = None
+        elif not report.retryable:
             message = (
                 f"instance {self.instance_id}: {report.describe()}; {report.failure} is not "
                 "retryable, so it is not restarted"

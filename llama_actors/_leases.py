@@ -154,12 +154,11 @@ class LeaseTable:
 
     def _live_or_raise(self, lease_ref: str) -> Lease:
         lease = self._live.get(lease_ref)
-        if lease is not None and lease.expires_at <= self._clock():
-            self._end(lease_ref, "expired")
-            lease = None
-        if lease is not None:
+        if lease is not None and lease.expires_at > self._clock():
             return lease
-        reason = self.ended(lease_ref)
+        # Past its TTL but not yet swept: it stays in the table, so the next
+        # expire_due() ends it (and the broker signals that); here it is just too late.
+        reason = "expired" if lease is not None else self.ended(lease_ref)
         if reason == "expired":
             raise LeaseExpiredError(
                 f"lease {lease_ref} expired; renew before its TTL runs out, or resolve again",

@@ -206,10 +206,10 @@ class Supervisor(pykka.ThreadingActor):
         for msg in waiting.values():
             deliver(msg.reply, msg.request_id, error=error)
         tell(self.ctx.broker, InstanceGone(instance_id=iid, reason="instance failed"))
-        if not inst.stopping:
-            # Wind it down: its InstanceStopped follows once the process is gone.
-            inst.stopping = True
-            tell(inst.ref, StopInstance(reason="failed"))
+        # Wind it down, even mid-drain (the drain ends with InstanceGone): its
+        # InstanceStopped follows once the process is gone. A second stop is ignored.
+        inst.stopping = True
+        tell(inst.ref, StopInstance(reason="failed"))
 
     def _stopped(self, iid: str) -> None:
         inst = self.registry.get(iid)
