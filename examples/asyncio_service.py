@@ -224,6 +224,8 @@ def model_spec(fake: bool, folder: Path) -> Spec:
         "api_key": API_KEY,
         "ctx_size": 512,
         "threads": 2,
+        # The pretrained gemma file has no chat template: use llama-server's gemma one.
+        "extra_args": ["--no-jinja", "--chat-template", "gemma"],
     }
 
 

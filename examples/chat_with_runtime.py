@@ -63,6 +63,9 @@ def main(model: str, binary: str) -> int:
         "api_key": API_KEY,
         "ctx_size": 512,
         "threads": 2,
+        # This gemma build is the pretrained model and its file has no chat template;
+        # llama-server's built-in gemma one (a name, so not Jinja) gives it proper turns.
+        "extra_args": ["--no-jinja", "--chat-template", "gemma"],
     }
     # Closing the runtime (the end of the with block) stops every server it started.
     with llama_actors.Runtime() as runtime:
