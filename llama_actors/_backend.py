@@ -90,6 +90,7 @@ class BackendActor(pykka.ThreadingActor):
         self._plan: LaunchPlan | None = None
         self._last_port: int | None = None
         self._pinned = False  # this spawn asked for _last_port instead of any free port
+        self._ended = False  # _stopped has run
         self._deadline: StallDeadline | None = None
         self._last_output = 0.0
         self._last_probe = "no probe yet"
@@ -448,6 +449,11 @@ class BackendActor(pykka.ThreadingActor):
         )
 
     def _stopped(self, report: ProcessExit | None) -> None:
+        # Once only: a stop that found the process already gone ends here, and the exit
+        # report of that process may still be on its way.
+        if self._ended:
+            return
+        self._ended = True
         if self.state != "failed":
             reason = self.stop_reason or "stopped"
             self._set_state("stopped", ready_since=None, endpoint=None)
