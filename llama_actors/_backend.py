@@ -125,6 +125,10 @@ class BackendActor(pykka.ThreadingActor):
                 "instance %s: actor stopping with its server alive; killing it", self.instance_id
             )
             self.process.kill()
+        if self.process is not None and self.process.exit is not None:
+            # Its watcher reports the exit before it closes the lifeline guard (a few
+            # ms); closing the runtime joins this thread, so it joins that one.
+            self.process.wait_finished(_KILL_GRACE_S)
 
     def on_receive(self, message: Any) -> Any:
         try:
@@ -307,6 +311,19 @@ class BackendActor(pykka.ThreadingActor):
             endpoint=self.endpoint,
             last_error=None,
         )
+        emit(
+            instance_ready,
+            self.instance_id,
+            endpoint=self.endpoint,
+            pid=self.process.pid,
+            port=port,
+            elapsed_s=round(now - self._spawned_at, 6),
+        )
+        self._set_health("healthy", "ready" if first else "ready again after a restart")
+        tell(
+            self.ctx.supervisor, InstanceReady(instance_id=self.instance_id, endpoint=self.endpoint)
+        )
+        # The poller (a new thread the first time) starts after the waiters are served.
         if self._poller is None:
             from llama_actors._poller import HealthPoller
 
@@ -317,19 +334,7 @@ class BackendActor(pykka.ThreadingActor):
                 policy=self.policy,
                 context=self.ctx,
             )
-        emit(
-            instance_ready,
-            self.instance_id,
-            endpoint=self.endpoint,
-            pid=self.process.pid,
-            port=port,
-            elapsed_s=round(now - self._spawned_at, 6),
-        )
-        self._set_health("healthy", "ready" if first else "ready again after a restart")
         tell(self._poller, Watch(generation=self.generation, port=port))
-        tell(
-            self.ctx.supervisor, InstanceReady(instance_id=self.instance_id, endpoint=self.endpoint)
-        )
 
     # -- after ready --------------------------------------------------------------------
 

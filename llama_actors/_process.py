@@ -195,6 +195,7 @@ class ServerProcess:
         self._private_dir: str | None = None
         self._file_paths: dict[str, str] = {}
         self._log_file: RotatingFileHandler | None = None
+        self._watcher: threading.Thread | None = None
         self._attempts = 0
 
     # -- starting -------------------------------------------------------------------
@@ -260,12 +261,13 @@ class ServerProcess:
             process._cleanup_files()
             raise
         _live.add(process)
-        threading.Thread(
+        process._watcher = threading.Thread(
             target=process._watch,
             args=(attempt,),
             name=f"llama-server-{attempt.popen.pid}",
             daemon=True,
-        ).start()
+        )
+        process._watcher.start()
         return process
 
     def _open(self, log_path: str | os.PathLike[str] | None) -> None:
@@ -419,6 +421,14 @@ class ServerProcess:
                 return self._exit
         raise WaitTimeoutError(f"llama-server pid {self.pid} still running after {timeout:g}s")
 
+    def wait_finished(self, timeout: float | None) -> bool:
+        """Wait until the watcher thread is done with this server: exit reported and
+        its bookkeeping (ledger, lifeline guard) finished. True if it is."""
+        if self._watcher is None or self._watcher is threading.current_thread():
+            return True
+        self._watcher.join(timeout)
+        return not self._watcher.is_alive()
+
     def stop(self, timeout: float | None = None) -> ProcessExit:
         """SIGTERM to the group, up to ``timeout`` seconds (default the spec's
         ``stop_timeout_ms``), then SIGKILL to the group; returns how it ended."""
@@ -488,8 +498,9 @@ class ServerProcess:
                 log.exception("watching llama-server pid %s failed; killing it", attempt.popen.pid)
                 returncode = self._kill_and_reap(attempt)
             retry = self._should_retry(attempt)
-            self._finish_attempt(attempt)
+            self._ledger.remove(attempt.popen.pid)
             if retry:
+                lifeline.remove(attempt.popen.pid)
                 log.info(
                     "reserved port %s was taken before the server bound it; retrying", attempt.port
                 )
@@ -499,6 +510,9 @@ class ServerProcess:
                 except (LlamaActorsError, OSError) as exc:
                     log.warning("retry after a port clash failed: %s", exc)
             self._report(attempt, returncode)
+            # After the report: closing the lifeline's guard (when this was the last
+            # server) waits for it to exit, and nobody should wait for that.
+            lifeline.remove(attempt.popen.pid)
             return
 
     def _should_retry(self, attempt: _Attempt) -> bool:
@@ -637,11 +651,6 @@ class ServerProcess:
         if attempt.entry is not None:
             attempt.entry = msgspec.structs.replace(attempt.entry, port=port)
             self._write_ledger(attempt.entry)
-
-    def _finish_attempt(self, attempt: _Attempt) -> None:
-        pid = attempt.popen.pid
-        self._ledger.remove(pid)
-        lifeline.remove(pid)
 
     def _report(self, attempt: _Attempt, returncode: int) -> None:
         status, code, signame = _exit_status(returncode)

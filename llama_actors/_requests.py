@@ -51,8 +51,20 @@ def prepare_request(
     if not result.compatible:
         raise IncompatibleError(result)
     check_model_file(spec.model)
-    render_command(spec)  # the probe is cached; the actor renders the same plan again
+    key = spec.instance_key
+    if key not in _rendered:
+        # The actor renders again at every spawn; this early render is only there to
+        # fail bad flags in the caller's thread, so once per identity is enough.
+        render_command(spec)
+        _rendered[key] = None
+        while len(_rendered) > _RENDERED_MAX:
+            del _rendered[next(iter(_rendered))]
     return spec, result
+
+
+#: Identities whose spec has rendered for its binary once (oldest first).
+_rendered: dict[str, None] = {}
+_RENDERED_MAX = 1024
 
 
 def request_id() -> str:
