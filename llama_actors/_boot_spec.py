@@ -13,8 +13,9 @@ import os
 import posixpath
 import re
 import stat
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -204,6 +205,13 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
         Metadata and the four timing fields are left out, so two specs that differ only
         there share one instance. Keys enter as digests, never as text.
         """
+        key = _keys.get(self)
+        if key is None:
+            key = self._compute_instance_key()
+            _keys.put(self, key)
+        return key
+
+    def _compute_instance_key(self) -> str:
         canonical: dict[str, Any] = {}
         for name in self.__struct_fields__:
             if name in IDENTITY_EXCLUDED:
@@ -540,11 +548,14 @@ def boot_spec(spec: Mapping[str, Any] | BootSpec) -> BootSpec:
     """Normalise and validate ``spec`` into a frozen :class:`BootSpec`.
 
     Accepts a mapping with string keys (a parsed TOML table, for instance) or a
-    ``BootSpec``, which is validated again. Unknown keys are rejected by name. Raises
+    ``BootSpec``, which is validated again (unless this function made it and it reads
+    no key file: then it is returned as it is). Unknown keys are rejected by name. Raises
     :class:`BootSpecError`, and nothing else, naming the field, the value (secrets
     masked) and what to do.
     """
     if isinstance(spec, BootSpec):
+        if _validated.get(spec) is not None:
+            return spec  # made by this function: validating it again gives an equal spec
         spec = spec.to_mapping()
     if not isinstance(spec, Mapping):
         raise _fail("spec", type(spec).__name__, "a boot spec must be a mapping of field = value")
@@ -562,7 +573,39 @@ def boot_spec(spec: Mapping[str, Any] | BootSpec) -> BootSpec:
         values["alias"] = _default_alias(values["model"])
     if values["model_identity"] is None:
         values["model_identity"] = values["alias"]
-    return BootSpec(**values)
+    result = BootSpec(**values)
+    if result.api_key_file is None:  # a key file is read again each time: keys rotate
+        _validated.put(result, True)
+    return result
+
+
+_V = TypeVar("_V")
+
+
+class _ByIdentity(Generic[_V]):
+    """A small memo keyed by the identity of frozen specs, oldest dropped first.
+
+    It holds each spec it knows, so an id is never reused while its entry lives.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: dict[int, tuple[BootSpec, _V]] = {}
+
+    def get(self, spec: BootSpec) -> _V | None:
+        entry = self._entries.get(id(spec))
+        return entry[1] if entry is not None and entry[0] is spec else None
+
+    def put(self, spec: BootSpec, value: _V) -> None:
+        with self._lock:
+            self._entries[id(spec)] = (spec, value)
+            while len(self._entries) > self._size:
+                del self._entries[next(iter(self._entries))]
+
+
+_keys: _ByIdentity[str] = _ByIdentity(1024)
+_validated: _ByIdentity[bool] = _ByIdentity(1024)
 
 
 def _unknown_reason(key: str) -> str:

@@ -432,3 +432,15 @@ def test_the_order_of_environment_entries_does_not_change_identity() -> None:
         spec(environment={"A": "1", "B": "2"}).instance_key
         == spec(environment={"B": "2", "A": "1"}).instance_key
     )
+
+
+def test_a_spec_made_by_boot_spec_comes_back_as_is_and_keeps_its_identity_key() -> None:
+    spec = boot_spec({"model": "/models/a.gguf", "ctx_size": 4096})
+    assert boot_spec(spec) is spec
+    assert spec.instance_key == spec.instance_key == boot_spec(spec.to_mapping()).instance_key
+
+
+def test_a_spec_built_directly_is_still_validated() -> None:
+    spec = llama_actors.BootSpec(model="", alias="a", model_identity="a")
+    with pytest.raises(BootSpecError, match="model"):
+        boot_spec(spec)
