@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pykka
 
 from llama_actors._board import StatusBoard
 from llama_actors._clock import TimerHandle, Timers
+from llama_actors._health import ProbeGetter
 from llama_actors._messages import Message, Replied
 from llama_actors._policy import InstancePolicy
 
@@ -30,7 +30,7 @@ class Context:
 
     timers: Timers
     board: StatusBoard
-    client: httpx.Client
+    client: ProbeGetter
     state_dir: Path
     rng: random.Random
     policy: InstancePolicy

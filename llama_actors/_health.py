@@ -13,11 +13,17 @@ from typing import Any, Literal
 import httpx
 import msgspec
 
+from llama_actors._probe_client import ProbeClient, ProbeResponse
 from llama_actors._types import Health
+
+#: What the probes GET with: the runtime's :class:`ProbeClient`, or an ``httpx.Client``
+#: (tests hand one on a mock transport).
+ProbeGetter = ProbeClient | httpx.Client
 
 __all__ = [
     "HealthTracker",
     "Observation",
+    "ProbeGetter",
     "Transition",
     "classify",
     "get_once_more_on_drop",
@@ -118,7 +124,7 @@ class HealthTracker:
 
 
 def probe_health(
-    client: httpx.Client,
+    client: ProbeGetter,
     health_url: str,
     models_url: str,
     headers: Mapping[str, str],
@@ -143,8 +149,8 @@ def probe_health(
 
 
 def get_once_more_on_drop(
-    client: httpx.Client, url: str, headers: Mapping[str, str], timeout_s: float
-) -> httpx.Response:
+    client: ProbeGetter, url: str, headers: Mapping[str, str], timeout_s: float
+) -> httpx.Response | ProbeResponse:
     """GET ``url`` on a fresh connection, closed after the answer; if the server closed
     it without answering, ask once more before calling that a failed probe.
 
@@ -159,7 +165,7 @@ def get_once_more_on_drop(
         return client.get(url, headers=request_headers, timeout=timeout_s)
 
 
-def _json(response: httpx.Response) -> Any:
+def _json(response: httpx.Response | ProbeResponse) -> Any:
     try:
         return response.json()
     except ValueError:

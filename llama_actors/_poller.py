@@ -1,5 +1,5 @@
 """HealthPoller: one per instance. Probes ``/health`` every ``health_interval_ms``
-with the runtime's shared, pooled HTTP client and a short timeout, classifies each
+with the runtime's probe client (a fresh connection each time) and a short timeout, classifies each
 answer (CONTRACT §5) and tells its BackendActor when the state changes, once per
 change. The BackendActor owns the published health; the poller only observes.
 """

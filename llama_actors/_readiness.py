@@ -11,7 +11,7 @@ from typing import Literal
 import httpx
 import msgspec
 
-from llama_actors._health import get_once_more_on_drop
+from llama_actors._health import ProbeGetter, get_once_more_on_drop
 
 __all__ = ["ReadyProbe", "StallDeadline", "probe_ready"]
 
@@ -27,7 +27,7 @@ class ReadyProbe(msgspec.Struct, frozen=True):
 
 
 def probe_ready(
-    client: httpx.Client,
+    client: ProbeGetter,
     host: str,
     port: int,
     health_url: str,

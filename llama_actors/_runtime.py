@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pykka
 
 from llama_actors._board import StatusBoard
@@ -46,6 +45,7 @@ from llama_actors._messages import (
     StopRequest,
 )
 from llama_actors._policy import InstancePolicy
+from llama_actors._probe_client import ProbeClient
 from llama_actors._requests import Consumer, check_ttl, ensure_message, resolve_message
 from llama_actors._signals import health_changed, instance_failed, instance_stopped
 from llama_actors._state import default_state_dir
@@ -114,12 +114,9 @@ class Runtime:
         self._scheduler = Scheduler() if timers is None else None
         self._closed = False
         self._close_lock = threading.Lock()
-        # trust_env=False: probes go to loopback servers, never through a proxy.
-        client = httpx.Client(
-            trust_env=False,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            timeout=httpx.Timeout(self.policy.probe_timeout_ms / 1000),
-        )
+        # Probes go straight to the servers (never through a proxy), each with its own
+        # timeout; see _probe_client for why not httpx.
+        client = ProbeClient()
         self._ctx = Context(
             timers=timers or self._scheduler,  # type: ignore[arg-type]
             board=StatusBoard(),

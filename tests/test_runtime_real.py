@@ -9,7 +9,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 import llama_actors
+from llama_actors._probe_client import ProbeClient, ProbeResponse
 from llama_actors.signals import ALL_SIGNALS
 
 pytestmark = pytest.mark.real_server
@@ -305,13 +306,18 @@ def test_an_endpoint_under_an_api_prefix_chats_and_its_health_probe_passes_with_
         probed = threading.Event()
         probes: list[tuple[int, str | None]] = []
 
-        def on_response(response: httpx.Response) -> None:
-            if str(response.request.url) == endpoint.health_ref:
-                probes.append((response.status_code, response.request.headers.get("authorization")))
-                if response.status_code == 200:
-                    probed.set()
+        class Recording(ProbeClient):
+            """The runtime's probe client, noting each health probe of this endpoint."""
 
-        runtime._ctx.client.event_hooks["response"].append(on_response)
+            def get(self, url: str, *, headers: Mapping[str, str], timeout: float) -> ProbeResponse:
+                response = super().get(url, headers=headers, timeout=timeout)
+                if url == endpoint.health_ref:
+                    probes.append((response.status_code, headers.get("Authorization")))
+                    if response.status_code == 200:
+                        probed.set()
+                return response
+
+        runtime._ctx.client = Recording()  # read by every probe from now on
 
         body = chat(client, endpoint)
         assert body["choices"][0]["message"]["role"] == "assistant"
