@@ -1,0 +1,12 @@
+"""Benchmarks for llama_actors: ``python -m benchmarks`` (see benchmarks/README.md)."""
+
+#: Every benchmark module, in the order they run.
+BENCHMARKS = (
+    "cold_start",
+    "publish_lag",
+    "failure_detection",
+    "stop",
+    "warm_resolve",
+    "scale",
+    "direct_vs_proxied",
+)

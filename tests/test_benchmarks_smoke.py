@@ -1,0 +1,73 @@
+"""The benchmarks run: a short smoke pass of ``python -m benchmarks --quick`` writes the
+JSON and the Markdown table with every benchmark in them and leaves no process behind.
+No timing is asserted here; the figures come from real runs (benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchmarks import BENCHMARKS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_benchmarks(tmp_path: Path, *args: str, timeout: float) -> dict[str, object]:
+    out = tmp_path / "results"
+    work = tmp_path / "work"
+    work.mkdir()
+    # The benchmarks' scratch folders go under TMPDIR, so a server left behind would
+    # name this test's folder on its command line.
+    env = {**os.environ, "TMPDIR": str(work)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    document: dict[str, object] = json.loads((out / "latest.json").read_text())
+    table = (out / "latest.md").read_text()
+
+    assert set(document["benchmarks"]) == set(BENCHMARKS)  # type: ignore[arg-type]
+    statuses = {n: s["status"] for n, s in document["benchmarks"].items()}  # type: ignore[attr-defined]
+    assert statuses == dict.fromkeys(BENCHMARKS, "ok"), done.stderr[-4000:]
+    results = document["results"]
+    assert {r["benchmark"] for r in results} == set(BENCHMARKS)  # type: ignore[attr-defined]
+    for key in ("date", "cores", "memory_gb", "cpu_model", "llama_server", "model"):
+        assert document["meta"][key], key  # type: ignore[index]
+    assert "| benchmark | metric | value | spread | baseline | ratio | target | met? |" in table
+    for name in BENCHMARKS:
+        assert f"| {name} |" in table
+    assert table in done.stdout  # the table is printed too
+
+    left = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if str(work) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert left == [], f"processes outlived the benchmarks: {left}"
+    return document
+
+
+def test_the_quick_pass_on_the_fake_server_writes_every_benchmark(tmp_path: Path) -> None:
+    document = run_benchmarks(tmp_path, timeout=80)
+    assert "fake" in document["meta"]["mode"]  # type: ignore[index]
+
+
+@pytest.mark.real_server
+@pytest.mark.timeout(240)
+def test_the_quick_pass_on_the_real_server_writes_every_benchmark(tmp_path: Path) -> None:
+    document = run_benchmarks(tmp_path, "--real", timeout=230)
+    assert "real" in document["meta"]["mode"]  # type: ignore[index]
+    skipped = [r for r in document["results"] if str(r["note"]).startswith("skipped")]  # type: ignore[attr-defined]
+    assert skipped == []  # the router rows are measured on the real server
