@@ -55,6 +55,7 @@ class StatusBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rows: dict[str, _Row] = {}
+        self._ready: dict[str, str] = {}  # instance_key -> the ready instance of it
 
     def add(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
         with self._lock:
@@ -62,7 +63,9 @@ class StatusBoard:
 
     def remove(self, instance_id: str) -> None:
         with self._lock:
-            self._rows.pop(instance_id, None)
+            row = self._rows.pop(instance_id, None)
+            if row is not None and self._ready.get(row.instance_key) == instance_id:
+                del self._ready[row.instance_key]
 
     def update(self, instance_id: str, **fields: Any) -> None:
         with self._lock:
@@ -71,6 +74,20 @@ class StatusBoard:
                 return
             for name, value in fields.items():
                 setattr(row, name, value)
+            if "state" in fields:
+                if row.state == "ready":
+                    self._ready[row.instance_key] = instance_id
+                elif self._ready.get(row.instance_key) == instance_id:
+                    del self._ready[row.instance_key]
+
+    def ready_endpoint(self, instance_key: str) -> tuple[str, EndpointDescriptor] | None:
+        """The ready instance of ``instance_key`` and its endpoint, if there is one."""
+        with self._lock:
+            iid = self._ready.get(instance_key)
+            row = self._rows.get(iid) if iid is not None else None
+            if row is None or row.endpoint is None or row.state != "ready":
+                return None
+            return row.instance_id, row.endpoint
 
     def get(self, instance_id: str, field: str) -> Any:
         with self._lock:

@@ -16,7 +16,7 @@ import pykka
 
 from llama_actors._clock import TimerHandle
 from llama_actors._context import Context, deliver, tell, tell_later
-from llama_actors._exceptions import InstanceNotFoundError, LlamaActorsError
+from llama_actors._exceptions import InstanceNotFoundError, LlamaActorsError, NotReadyError
 from llama_actors._leases import LeaseTable
 from llama_actors._messages import (
     CancelGrant,
@@ -145,7 +145,10 @@ class LeaseBroker(pykka.ThreadingActor):
                 )
             lease = self.table.grant(msg.instance_id, msg.owner_ref, msg.ttl_ms)
         except LlamaActorsError as exc:
-            deliver(msg.reply, msg.request_id, error=exc)
+            if msg.fallback is not None and isinstance(exc, NotReadyError | InstanceNotFoundError):
+                tell(self.ctx.supervisor, msg.fallback)  # it finds or starts a fresh one
+            else:
+                deliver(msg.reply, msg.request_id, error=exc)
             return
         self._grants[msg.request_id] = lease.lease_ref
         while len(self._grants) > _REMEMBER_GRANTS:

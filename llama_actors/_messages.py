@@ -196,6 +196,10 @@ class TrackInstance(Message, frozen=True, tag=True, kw_only=True):
 
 
 class GrantLease(Message, frozen=True, tag=True, kw_only=True):
+    """Lease ``instance_id`` to the caller. ``fallback`` is the caller's own Resolve when
+    it came straight from the caller: if the instance takes no new leases by now, the
+    broker hands that to the supervisor instead of failing it."""
+
     request_id: str
     instance_id: str
     endpoint: EndpointDescriptor
@@ -204,6 +208,7 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
     ttl_ms: int
     reused: bool
     reply: Any
+    fallback: Any = None
 
 
 class RenewLease(Message, frozen=True, tag=True, kw_only=True):

@@ -39,9 +39,11 @@ from llama_actors._exceptions import (
 from llama_actors._messages import (
     CancelRequest,
     Close,
+    GrantLease,
     Message,
     ReleaseLease,
     RenewLease,
+    Resolve,
     StopRequest,
 )
 from llama_actors._policy import InstancePolicy
@@ -438,10 +440,33 @@ class Runtime:
         return Request(message, future, timeout, f"stopping {snap.instance_id}")
 
     def _send(self, request: Request) -> None:
-        if request.to_broker:
-            tell(self._ctx.broker, request.message)
+        message = request.message
+        if isinstance(message, Resolve) and (grant := self._direct_grant(message)) is not None:
+            # The instance is ready: straight to the broker, one hop fewer. Should it be
+            # draining or gone by then, the broker hands the resolve to the supervisor.
+            if not tell(self._ctx.broker, grant):
+                raise RuntimeClosedError("this Runtime's broker has stopped; create a new one")
+        elif request.to_broker:
+            tell(self._ctx.broker, message)
         else:
-            self._tell(request.message)
+            self._tell(message)
+
+    def _direct_grant(self, message: Resolve) -> GrantLease | None:
+        found = self._ctx.board.ready_endpoint(message.spec.instance_key)
+        if found is None:
+            return None
+        iid, endpoint = found
+        return GrantLease(
+            request_id=message.request_id,
+            instance_id=iid,
+            endpoint=endpoint,
+            compatibility=message.compatibility,
+            owner_ref=message.owner_ref,
+            ttl_ms=message.ttl_ms,
+            reused=True,
+            reply=message.reply,
+            fallback=message,
+        )
 
     def _wait(self, request: Request) -> Any:
         try:
