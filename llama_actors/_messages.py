@@ -210,6 +210,29 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
     reply: Any
     fallback: Any = None
 
+    @classmethod
+    def for_resolve(
+        cls,
+        msg: Resolve,
+        instance_id: str,
+        endpoint: EndpointDescriptor,
+        *,
+        reused: bool,
+        fallback: Resolve | None = None,
+    ) -> GrantLease:
+        """The grant that answers ``msg`` with a lease on ``instance_id``."""
+        return cls(
+            request_id=msg.request_id,
+            instance_id=instance_id,
+            endpoint=endpoint,
+            compatibility=msg.compatibility,
+            owner_ref=msg.owner_ref,
+            ttl_ms=msg.ttl_ms,
+            reused=reused,
+            reply=msg.reply,
+            fallback=fallback,
+        )
+
 
 class RenewLease(Message, frozen=True, tag=True, kw_only=True):
     lease_ref: str

@@ -456,17 +456,7 @@ class Runtime:
         if found is None:
             return None
         iid, endpoint = found
-        return GrantLease(
-            request_id=message.request_id,
-            instance_id=iid,
-            endpoint=endpoint,
-            compatibility=message.compatibility,
-            owner_ref=message.owner_ref,
-            ttl_ms=message.ttl_ms,
-            reused=True,
-            reply=message.reply,
-            fallback=message,
-        )
+        return GrantLease.for_resolve(message, iid, endpoint, reused=True, fallback=message)
 
     def _wait(self, request: Request) -> Any:
         try:

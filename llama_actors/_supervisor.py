@@ -164,19 +164,7 @@ class Supervisor(pykka.ThreadingActor):
     def _serve(self, iid: str, msg: Resolve | Ensure, endpoint: Any, *, reused: bool) -> None:
         match msg:
             case Resolve():
-                tell(
-                    self.ctx.broker,
-                    GrantLease(
-                        request_id=msg.request_id,
-                        instance_id=iid,
-                        endpoint=endpoint,
-                        compatibility=msg.compatibility,
-                        owner_ref=msg.owner_ref,
-                        ttl_ms=msg.ttl_ms,
-                        reused=reused,
-                        reply=msg.reply,
-                    ),
-                )
+                tell(self.ctx.broker, GrantLease.for_resolve(msg, iid, endpoint, reused=reused))
             case Ensure():
                 deliver(msg.reply, msg.request_id, value=self.ctx.board.snapshot(iid))
 

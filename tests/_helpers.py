@@ -1,4 +1,4 @@
-"""Helpers shared by the example tests (fixtures live in conftest.py)."""
+"""Helpers shared by the tests (fixtures live in conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import select
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+from llama_actors import BootSpec, InstancePolicy, RestartPolicy
+from llama_actors.testing.fake import fake_plan
+from llama_actors.testing.fake_server import write_control
 
 #: The ``fake_binary`` fixture: make(help_text, version_text, name) -> path of the program.
 FakeBinary = Callable[..., Path]
@@ -39,3 +44,31 @@ def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+#: A policy for runtime tests on the fake server: quick restarts, quick verdicts.
+FAST = InstancePolicy(
+    restart=RestartPolicy(backoff_initial_ms=20, backoff_max_ms=200, max_restarts=3, window_s=30),
+    probe_timeout_ms=300,
+    slow_probe_ms=250,
+    unavailable_after=2,
+    wedged_restart_ms=None,
+    drain_timeout_ms=2_000,
+)
+WAIT = 15.0
+
+
+class Fake:
+    """Specs for the fake server in one folder, and its control file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def spec(self, behaviour: dict[str, str] | None = None, **fields: Any) -> BootSpec:
+        fields.setdefault("health_interval_ms", 100)
+        fields.setdefault("readiness_interval_ms", 20)
+        fields.setdefault("stop_timeout_ms", 2_000)
+        return fake_plan(self.folder, behaviour=behaviour, **fields).spec
+
+    def set(self, **changes: Any) -> None:
+        write_control(self.folder / "control.json", **changes)

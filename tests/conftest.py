@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_actors import ServerProcess
+from llama_actors import Runtime, ServerProcess
 from llama_actors.testing import help_samples
 
-from ._helpers import FakeBinary
+from ._helpers import FAST, Fake, FakeBinary
 
 pytest_plugins = ["pytester"]
 
@@ -98,3 +98,16 @@ def mock_client() -> Iterator[Callable[[Callable[[httpx.Request], httpx.Response
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Fake:
+    """Specs for the fake server in this test's folder."""
+    return Fake(tmp_path / "fake")
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    """A Runtime with the FAST policy and the test's own state folder, closed after."""
+    with Runtime(state_dir=tmp_path / "state", policy=FAST) as rt:
+        yield rt

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +28,7 @@ from llama_actors import (
 )
 from llama_actors.testing.signals import SignalRecorder
 
-from ._helpers import wait_gone
-from .test_runtime import FAST, WAIT, Fake
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Fake:
-    return Fake(tmp_path / "fake")
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    with Runtime(state_dir=tmp_path / "state", policy=FAST) as rt:
-        yield rt
+from ._helpers import FAST, WAIT, Fake, wait_gone
 
 
 async def next_event(events: SignalStream, name: str, **fields: Any) -> SignalEvent:

@@ -20,7 +20,7 @@ from llama_actors import LlamaActorsError, Runtime, UsageError, signals
 from llama_actors.metrics import MetricsServer, RuntimeMetrics
 from llama_actors.testing.signals import SignalRecorder
 
-from .test_runtime import FAST, WAIT, Fake
+from ._helpers import FAST, WAIT, Fake
 
 STATES = ("starting", "ready", "stopping", "stopped", "failed")
 HEALTHS = ("unknown", "healthy", "degraded", "unavailable")
@@ -72,17 +72,6 @@ class Probes:
         with self._cond:
             if not self._cond.wait_for(lambda: self.count >= count, timeout):
                 raise AssertionError(f"only {self.count} of {count} probes within {timeout:g}s")
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Fake:
-    return Fake(tmp_path / "fake")
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    with Runtime(state_dir=tmp_path / "state", policy=FAST) as rt:
-        yield rt
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pykka
 import pytest
 
 from llama_actors import (
-    BootSpec,
     IncompatibleError,
     InstanceFailedError,
     InstanceNotFoundError,
@@ -35,48 +34,9 @@ from llama_actors import (
     WaitTimeoutError,
     signals,
 )
-from llama_actors.testing.fake import fake_plan
-from llama_actors.testing.fake_server import write_control
 from llama_actors.testing.signals import SignalRecorder
 
-from ._helpers import wait_gone
-
-FAST = InstancePolicy(
-    restart=RestartPolicy(backoff_initial_ms=20, backoff_max_ms=200, max_restarts=3, window_s=30),
-    probe_timeout_ms=300,
-    slow_probe_ms=250,
-    unavailable_after=2,
-    wedged_restart_ms=None,
-    drain_timeout_ms=2_000,
-)
-WAIT = 15.0
-
-
-class Fake:
-    """Specs for the fake server in one folder, and its control file."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def spec(self, behaviour: dict[str, str] | None = None, **fields: Any) -> BootSpec:
-        fields.setdefault("health_interval_ms", 100)
-        fields.setdefault("readiness_interval_ms", 20)
-        fields.setdefault("stop_timeout_ms", 2_000)
-        return fake_plan(self.folder, behaviour=behaviour, **fields).spec
-
-    def set(self, **changes: Any) -> None:
-        write_control(self.folder / "control.json", **changes)
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Fake:
-    return Fake(tmp_path / "fake")
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    with Runtime(state_dir=tmp_path / "state", policy=FAST) as rt:
-        yield rt
+from ._helpers import FAST, WAIT, Fake, wait_gone
 
 
 @pytest.fixture
