@@ -146,19 +146,17 @@ class _Up:
         return EXIT_FAILED if failed else EXIT_OK
 
     def rows(self) -> list[BackendStatus]:
-        latest: dict[str, RuntimeSnapshot] = {}
-        for snap in self.runtime.instances():  # oldest first: the newest wins
-            latest[snap.instance_key] = snap
+        # instances() is oldest first, so the newest instance of each identity wins.
+        latest: dict[str, RuntimeSnapshot] = {s.instance_key: s for s in self.runtime.instances()}
         rows = []
         for name in self.names:
             spec = self.config.backend(name)
-            found = latest.get(spec.instance_key)
-            if found is None:
+            snap = latest.get(spec.instance_key)
+            if snap is None:
                 error = self.errors.get(name)
                 state = "failed" if error else "pending"
                 rows.append(BackendStatus(name=name, state=state, error=error))
                 continue
-            snap = found
             base_url = None
             if snap.port is not None:
                 base_url = spec.urls(snap.port).base_url
