@@ -34,7 +34,7 @@ PROMPT = "Describe the sky in one sentence."
 # instruction.
 EXAMPLE = (
     {"role": "user", "content": "Describe the sea in one sentence."},
-    {"role": "assistant", "content": "The sea is a vast body of salt water."},
+    {"role": "assistant", "content": "The sea is deep, blue and full of life."},
 )
 # The packaged gemma 3 270M is the pretrained model: its GGUF carries no chat template,
 # and llama-server's chatml fallback makes it print template tokens. Gemma's built-in
