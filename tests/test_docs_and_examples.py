@@ -143,17 +143,22 @@ def _check_health_subscriber(out: str) -> None:
     assert "closed: the runtime stopped the restarted server" in out
 
 
-@pytest.mark.timeout(120)
-def test_the_health_subscriber_example_sees_a_killed_fake_server_restarted() -> None:
-    done = _run_example("health_subscriber.py", "--fake", timeout=100)
-    assert done.returncode == 0, done.stdout + done.stderr
-    _check_health_subscriber(done.stdout)
+#: Run an example on the fake server, and again on the real one.
+ON_BOTH_SERVERS = pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("--fake",), id="fake"),
+        pytest.param((), id="real", marks=pytest.mark.real_server),
+    ],
+)
 
 
-@pytest.mark.real_server
+@ON_BOTH_SERVERS
 @pytest.mark.timeout(200)
-def test_the_health_subscriber_example_sees_the_killed_real_server_restarted() -> None:
-    done = _run_example("health_subscriber.py")
+def test_the_health_subscriber_example_sees_its_killed_server_restarted(
+    args: tuple[str, ...],
+) -> None:
+    done = _run_example("health_subscriber.py", *args)
     assert done.returncode == 0, done.stdout + done.stderr
     _check_health_subscriber(done.stdout)
 
@@ -181,17 +186,12 @@ def _check_shared_instance(out: str) -> None:
     assert re.search(r"^instance_stopped after [\d.]+s idle: idle: ", out, re.M), out
 
 
-@pytest.mark.timeout(120)
-def test_the_shared_instance_example_shares_a_fake_server_then_stops_it_when_idle() -> None:
-    done = _run_example("shared_instance.py", "--fake", timeout=100)
-    assert done.returncode == 0, done.stdout + done.stderr
-    _check_shared_instance(done.stdout)
-
-
-@pytest.mark.real_server
+@ON_BOTH_SERVERS
 @pytest.mark.timeout(200)
-def test_the_shared_instance_example_shares_the_real_server_then_stops_it_when_idle() -> None:
-    done = _run_example("shared_instance.py")
+def test_the_shared_instance_example_shares_one_server_then_stops_it_when_idle(
+    args: tuple[str, ...],
+) -> None:
+    done = _run_example("shared_instance.py", *args)
     assert done.returncode == 0, done.stdout + done.stderr
     _check_shared_instance(done.stdout)
 
