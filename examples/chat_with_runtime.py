@@ -33,7 +33,7 @@ def show(value: Any) -> str:
         return value.base_url
     if isinstance(value, llama_actors.Lease):
         return value.lease_ref
-    if isinstance(value, llama_actors.ProcessExit):
+    if isinstance(value, llama_actors.lowlevel.ProcessExit):
         return repr(value.describe())
     return repr(value) if isinstance(value, str) and " " in value else str(value)
 

@@ -34,9 +34,9 @@ WATCHED = (signals.health_changed, signals.instance_restarting, signals.instance
 
 
 def fake_spec(folder: str) -> llama_actors.BootSpec:
-    from llama_actors.testing.fake import fake_plan
+    from llama_actors.testing.fake import fake_boot_spec
 
-    return fake_plan(folder, health_interval_ms=200).spec
+    return fake_boot_spec(folder, health_interval_ms=200)
 
 
 def real_spec(model: str, binary: str) -> llama_actors.BootSpec:

@@ -79,9 +79,9 @@ def main(spec: Any, port: int, serve_s: float) -> int:
 
 
 def fake_spec(folder: str) -> llama_actors.BootSpec:
-    from llama_actors.testing.fake import fake_plan
+    from llama_actors.testing.fake import fake_boot_spec
 
-    return fake_plan(folder, health_interval_ms=200).spec
+    return fake_boot_spec(folder, health_interval_ms=200)
 
 
 def real_spec(model: str | None, binary: str | None) -> dict[str, Any]:

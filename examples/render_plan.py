@@ -21,15 +21,15 @@ def main(model: str) -> int:
     consumer = llama_actors.ConsumerManifest(
         consumer="example-service", required_capabilities={"streaming": True}
     )
-    result = llama_actors.compatibility(consumer, llama_actors.llama_manifest(spec))
+    result = llama_actors.compatibility(consumer, llama_actors.lowlevel.llama_manifest(spec))
     print(f"compatible: {result.compatible} via {result.protocol} ({result.management_mode})")
 
     try:
-        plan = llama_actors.render_command(spec)
+        plan = llama_actors.lowlevel.render_command(spec)
     except llama_actors.LlamaActorsError as exc:
         print(f"cannot render for this machine: {exc}", file=sys.stderr)
         return 1
-    print(f"binary:   {plan.binary.label}")
+    print(f"binary:   {plan.binary_label}")
     print(f"command:  {plan.command_line()}")
     print(f"port:     {plan.port_mode}")
     print(f"identity: {spec.instance_key}")

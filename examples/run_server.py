@@ -21,11 +21,11 @@ def main(model: str) -> int:
     spec = llama_actors.boot_spec(
         {"model": model, "alias": "demo", "ctx_size": 1024, "api_key": "sk-example"}
     )
-    plan = llama_actors.render_command(spec)
+    plan = llama_actors.lowlevel.render_command(spec)
     print("command:", plan.command_line())
     started = time.monotonic()
     try:
-        server = llama_actors.ServerProcess.start(plan)
+        server = llama_actors.lowlevel.ServerProcess.start(plan)
     except llama_actors.LlamaActorsError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1

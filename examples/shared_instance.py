@@ -36,9 +36,9 @@ WATCHED = (signals.lease_expired, signals.instance_stopped)
 
 
 def fake_spec(folder: str) -> llama_actors.BootSpec:
-    from llama_actors.testing.fake import fake_plan
+    from llama_actors.testing.fake import fake_boot_spec
 
-    return fake_plan(folder, alias="shared").spec
+    return fake_boot_spec(folder, alias="shared")
 
 
 def real_spec(model: str, binary: str) -> llama_actors.BootSpec:

@@ -2,6 +2,6 @@
 
 import sys
 
-from llama_actors._cli import main
+from llama_actors._cli.main import main
 
 sys.exit(main())

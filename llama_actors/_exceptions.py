@@ -5,6 +5,8 @@ wrong, with which value (secrets masked), and what to do about it::
 
     LlamaActorsError
     ├── BootSpecError            a boot spec or config file field is invalid
+    ├── ManifestError            a consumer manifest given as a mapping is malformed
+    ├── PortNotBoundError        a URL was asked of an ``auto`` port before it was bound
     ├── BinaryError              the llama-server binary cannot be used
     │   ├── BinaryNotFoundError  no binary where we looked
     │   ├── BinaryProbeError     `--version` / `--help` failed or made no sense
@@ -23,6 +25,8 @@ wrong, with which value (secrets masked), and what to do about it::
     │   ├── LeaseNotFoundError     unknown, released, or ended with its instance
     │   └── LeaseExpiredError      its TTL ran out before it was renewed
     ├── RuntimeClosedError       the runtime was closed
+    ├── SignalOverflowError      a signal stream's consumer fell too far behind
+    ├── MetricsUnavailableError  prometheus-client is missing (also an ``ImportError``)
     ├── UsageError               a call got a value it cannot use (also a ``ValueError``)
     └── WaitTimeoutError         a wait ran out of time (also a ``TimeoutError``)
 """
@@ -32,8 +36,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from llama_actors._manifest import CompatibilityResult
-    from llama_actors._process import ProcessExit
+    from llama_actors._kernel.manifest import CompatibilityResult
+    from llama_actors._process.process import ProcessExit
 
 __all__ = [
     "BinaryError",
@@ -48,12 +52,16 @@ __all__ = [
     "LeaseExpiredError",
     "LeaseNotFoundError",
     "LlamaActorsError",
+    "ManifestError",
+    "MetricsUnavailableError",
     "ModelFileError",
     "NotReadyError",
     "PortInUseError",
+    "PortNotBoundError",
     "ReadinessTimeoutError",
     "RuntimeClosedError",
     "ServerExitedError",
+    "SignalOverflowError",
     "SpawnError",
     "UnsupportedFlagError",
     "UsageError",
@@ -89,6 +97,14 @@ class BootSpecError(LlamaActorsError):
         """Return the same error with its field path under ``prefix`` and its source file."""
         field = f"{prefix}.{self.field}" if prefix and self.field else prefix or self.field
         return BootSpecError(field, self.value, self.reason, source=source or self.source)
+
+
+class ManifestError(LlamaActorsError):
+    """A consumer manifest given as a mapping has a field of the wrong shape."""
+
+
+class PortNotBoundError(LlamaActorsError):
+    """A URL was asked of a spec whose port is ``auto`` before a port was bound."""
 
 
 class BinaryError(LlamaActorsError):
@@ -231,6 +247,23 @@ class LeaseExpiredError(LeaseError):
 
 class RuntimeClosedError(LlamaActorsError):
     """The runtime was closed; make a new one."""
+
+
+class SignalOverflowError(LlamaActorsError):
+    """A :class:`SignalStream` with ``overflow="error"`` filled up: its consumer fell
+    behind by ``maxsize`` events and ``dropped`` events were lost."""
+
+    def __init__(self, maxsize: int, dropped: int) -> None:
+        self.maxsize = maxsize
+        self.dropped = dropped
+        super().__init__(
+            f"the signal stream fell {maxsize} events behind and dropped {dropped}; consume "
+            "faster, pass a larger maxsize, or overflow='drop_oldest' to keep the newest"
+        )
+
+
+class MetricsUnavailableError(LlamaActorsError, ImportError):
+    """``prometheus-client`` is not installed, so :mod:`llama_actors.metrics` cannot work."""
 
 
 class UsageError(LlamaActorsError, ValueError):

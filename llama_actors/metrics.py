@@ -25,8 +25,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from llama_actors._exceptions import InstanceNotFoundError, LlamaActorsError, UsageError
-from llama_actors._signals import (
+from llama_actors._exceptions import (
+    InstanceNotFoundError,
+    MetricsUnavailableError,
+    UsageError,
+)
+from llama_actors._kernel.types import Health, InstanceState, RuntimeSnapshot
+from llama_actors._runtime.signals import (
     instance_ready,
     lease_expired,
     lease_granted,
@@ -34,16 +39,11 @@ from llama_actors._signals import (
     lease_renewed,
     probe_completed,
 )
-from llama_actors._types import Health, InstanceState, RuntimeSnapshot
 
 if TYPE_CHECKING:
     import blinker
 
-    from llama_actors._runtime import Runtime
-
-
-class MetricsUnavailableError(LlamaActorsError, ImportError):
-    """``prometheus-client`` is not installed, so :mod:`llama_actors.metrics` cannot work."""
+    from llama_actors._runtime.runtime import Runtime
 
 
 try:

@@ -8,7 +8,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from llama_actors import BootSpec, BootSpecError, boot_spec
-from llama_actors._boot_spec import FIELDS, TIMING_FIELDS
+from llama_actors._llama.boot_spec import FIELDS, TIMING_FIELDS
 from llama_actors.testing import strategies as las
 
 

@@ -37,17 +37,17 @@ from hypothesis.stateful import (
 )
 
 import llama_actors
-from llama_actors import EndpointDescriptor, InstancePolicy, ManualTimers
-from llama_actors._board import StatusBoard
-from llama_actors._broker import LeaseBroker
-from llama_actors._context import Context
+from llama_actors import EndpointDescriptor, InstancePolicy
 from llama_actors._exceptions import (
     InstanceNotFoundError,
     LeaseExpiredError,
     LeaseNotFoundError,
     NotReadyError,
 )
-from llama_actors._messages import (
+from llama_actors._runtime.board import StatusBoard
+from llama_actors._runtime.broker import LeaseBroker
+from llama_actors._runtime.context import Context
+from llama_actors._runtime.messages import (
     CancelGrant,
     Drained,
     DrainInstance,
@@ -58,6 +58,7 @@ from llama_actors._messages import (
     RenewLease,
     TrackInstance,
 )
+from llama_actors.lowlevel import ManualTimers
 from llama_actors.signals import (
     instance_draining,
     lease_expired,
@@ -188,7 +189,8 @@ class Harness:
 
     def track(self, instance_id: str, idle_shutdown_ms: int | None) -> None:
         self.board.add(instance_id, f"key-{instance_id}", None)
-        self.broker.tell(TrackInstance(instance_id=instance_id, idle_shutdown_ms=idle_shutdown_ms))
+        idle_s = None if idle_shutdown_ms is None else idle_shutdown_ms / 1000
+        self.broker.tell(TrackInstance(instance_id=instance_id, idle_shutdown_s=idle_s))
 
     def request_id(self) -> str:
         self._requests += 1

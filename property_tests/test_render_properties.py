@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from llama_actors import BootSpec, ServerBinary, UnsupportedFlagError, boot_spec, render_command
+from llama_actors import BootSpec, UnsupportedFlagError, boot_spec
+from llama_actors.lowlevel import ServerBinary, render_command
 from llama_actors.testing import help_samples
 from llama_actors.testing import strategies as las
 

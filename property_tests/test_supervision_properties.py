@@ -10,9 +10,10 @@ from fractions import Fraction
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from llama_actors import RestartDecision, RestartPolicy, RestartTracker
-from llama_actors._health import HealthTracker, Observation
-from llama_actors._readiness import StallDeadline
+from llama_actors import RestartPolicy
+from llama_actors._kernel.health import HealthTracker, Observation
+from llama_actors._kernel.readiness import StallDeadline
+from llama_actors.lowlevel import RestartDecision, RestartTracker
 
 # Float rounding in `base * factor / 1000` (not in the policy): one part in 1e9.
 SLACK = 1e-9

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_actors import BootSpec, InstancePolicy, RestartPolicy
-from llama_actors.testing.fake import fake_plan
+from llama_actors.testing.fake import fake_boot_spec
 from llama_actors.testing.fake_server import write_control
 
 #: The ``fake_binary`` fixture: make(help_text, version_text, name) -> path of the program.
@@ -68,7 +68,7 @@ class Fake:
         fields.setdefault("health_interval_ms", 100)
         fields.setdefault("readiness_interval_ms", 20)
         fields.setdefault("stop_timeout_ms", 2_000)
-        return fake_plan(self.folder, behaviour=behaviour, **fields).spec
+        return fake_boot_spec(self.folder, behaviour=behaviour, **fields)
 
     def set(self, **changes: Any) -> None:
         write_control(self.folder / "control.json", **changes)

@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 
 import llama_actors
-from llama_actors import (
-    BinaryNotFoundError,
-    BinaryProbeError,
-    locate_binary,
-    parse_help,
-    parse_version,
-    probe_binary,
-)
+from llama_actors import BinaryNotFoundError, BinaryProbeError
+from llama_actors.lowlevel import locate_binary, parse_help, parse_version, probe_binary
 from llama_actors.testing import help_samples
 
 from ._helpers import FakeBinary, probe_calls
@@ -116,7 +110,7 @@ def test_a_known_build_decides_port_zero_on_its_number() -> None:
 @pytest.mark.real_server
 def test_the_real_binarys_help_lists_every_flag_the_library_renders(real_binary: str) -> None:
     binary = probe_binary(real_binary)
-    for names in llama_actors._boot_spec.MANAGED_FLAGS.values():
+    for names in llama_actors._llama.boot_spec.MANAGED_FLAGS.values():
         assert any(binary.supports(n) for n in names), names
     assert binary.flash_attn_form == "value"
     assert binary.gpu_layers_words

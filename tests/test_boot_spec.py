@@ -9,7 +9,8 @@ import msgspec
 import pytest
 
 import llama_actors
-from llama_actors import BootSpecError, PortNotBoundError, Secret, boot_spec
+from llama_actors import BootSpecError, PortNotBoundError, boot_spec
+from llama_actors.lowlevel import Secret
 
 MODEL = "/models/gemma-3-270m.Q4_K_M.gguf"
 INT_MAX = 2**31 - 1
@@ -87,7 +88,7 @@ ACCEPTED = [
 ]
 for _name in OPTIONAL_INTS:
     ACCEPTED += [(_name, None, None), (_name, 1, 1), (_name, INT_MAX, INT_MAX)]
-for _name, _default in llama_actors._boot_spec.DEFAULTS.items():
+for _name, _default in llama_actors._llama.boot_spec.DEFAULTS.items():
     ACCEPTED += [(_name, None, _default), (_name, 1, 1), (_name, 250, 250)]
 
 
@@ -182,7 +183,7 @@ REJECTED = [
 ]
 for _name in OPTIONAL_INTS:
     REJECTED += [({_name: v}, _name) for v in (0, -1, True, "4096", 1.5, 2**31)]
-for _name in llama_actors._boot_spec.DEFAULTS:
+for _name in llama_actors._llama.boot_spec.DEFAULTS:
     REJECTED += [({_name: v}, _name) for v in (0, -5, "100", 1.5, False)]
 
 
@@ -337,7 +338,7 @@ def test_an_api_key_file_without_read_permission_is_rejected(
     def denied(path: str, *args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr("llama_actors._boot_spec.open", denied, raising=False)
+    monkeypatch.setattr("llama_actors._llama.boot_spec.open", denied, raising=False)
     with pytest.raises(BootSpecError, match="Permission denied") as caught:
         spec(api_key_file=str(keys))
     assert caught.value.field == "api_key_file"

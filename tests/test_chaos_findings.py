@@ -22,16 +22,16 @@ from llama_actors import (
     EndpointDescriptor,
     InstancePolicy,
     LeaseExpiredError,
-    ManualTimers,
     RestartPolicy,
     Runtime,
     signals,
 )
-from llama_actors._board import StatusBoard
-from llama_actors._broker import LeaseBroker
-from llama_actors._context import Context
-from llama_actors._messages import GrantLease, ReleaseLease, RenewLease, TrackInstance
-from llama_actors.testing.fake import fake_plan
+from llama_actors._runtime.board import StatusBoard
+from llama_actors._runtime.broker import LeaseBroker
+from llama_actors._runtime.context import Context
+from llama_actors._runtime.messages import GrantLease, ReleaseLease, RenewLease, TrackInstance
+from llama_actors.lowlevel import ManualTimers
+from llama_actors.testing.fake import fake_boot_spec
 from llama_actors.testing.signals import SignalRecorder
 
 WAIT = 15.0
@@ -101,7 +101,7 @@ def test_a_lease_that_expires_between_the_sweep_and_a_renew_still_ends_with_its_
 ) -> None:
     ref, timers, ctx = broker
     ctx.board.add("inst-1", "key-1", None)
-    ref.tell(TrackInstance(instance_id="inst-1", idle_shutdown_ms=100))
+    ref.tell(TrackInstance(instance_id="inst-1", idle_shutdown_s=0.1))
     endpoint = EndpointDescriptor.for_instance(
         SPEC, instance_id="inst-1", bound_port=8080, binary="x", compatibility=COMPAT
     )
@@ -136,7 +136,7 @@ def test_a_lease_that_expires_between_the_sweep_and_a_renew_still_ends_with_its_
 def test_a_restart_whose_old_port_is_taken_after_the_free_port_check_moves_to_a_new_port(
     tmp_path: Path,
 ) -> None:
-    spec = fake_plan(tmp_path / "fake", health_interval_ms=100, readiness_interval_ms=20).spec
+    spec = fake_boot_spec(tmp_path / "fake", health_interval_ms=100, readiness_interval_ms=20)
     policy = InstancePolicy(restart=RestartPolicy(backoff_initial_ms=50))
     held: list[socket.socket] = []
     with (
@@ -175,7 +175,7 @@ def test_a_restart_whose_old_port_is_taken_after_the_free_port_check_moves_to_a_
 def test_an_instance_that_fails_while_its_stop_drains_still_stops_and_answers(
     tmp_path: Path,
 ) -> None:
-    spec = fake_plan(tmp_path / "fake", health_interval_ms=100, readiness_interval_ms=20).spec
+    spec = fake_boot_spec(tmp_path / "fake", health_interval_ms=100, readiness_interval_ms=20)
     policy = InstancePolicy(restart=RestartPolicy(max_restarts=0))  # a crash fails it
     runtime = Runtime(state_dir=tmp_path / "state", policy=policy)
     try:

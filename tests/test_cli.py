@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llama_actors._cli import main
+from llama_actors._cli.main import main
 from llama_actors.testing import help_samples
 from llama_actors.testing.fake import FAKE_SERVER
 

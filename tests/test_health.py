@@ -8,7 +8,13 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from llama_actors._health import HealthTracker, Observation, Transition, classify, probe_health
+from llama_actors._kernel.health import (
+    HealthTracker,
+    Observation,
+    Transition,
+    classify,
+    probe_health,
+)
 
 HEALTH_URL = "http://127.0.0.1:41000/health"
 MODELS_URL = "http://127.0.0.1:41000/v1/models"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llama_actors import LeaseExpiredError, LeaseNotFoundError, NotReadyError, UsageError
-from llama_actors._leases import LeaseTable
+from llama_actors._kernel.leases import LeaseTable
 
 
 class FakeClock:

@@ -12,8 +12,8 @@ from llama_actors import (
     ManifestError,
     boot_spec,
     compatibility,
-    llama_manifest,
 )
+from llama_actors.lowlevel import llama_manifest
 
 
 def consumer(**fields: Any) -> ConsumerManifest:

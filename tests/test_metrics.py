@@ -212,7 +212,7 @@ def test_a_killed_and_restarted_server_counts_one_restart_and_a_restart_time_to_
 def test_a_stopped_instance_shows_stopped_and_disappears_once_the_runtime_forgets_it(
     runtime: Runtime, tmp_path: Path, server: MetricsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("llama_actors._supervisor.KEEP_FINISHED", 1)
+    monkeypatch.setattr("llama_actors._runtime.supervisor.KEEP_FINISHED", 1)
     first = runtime.ensure_instance(Fake(tmp_path / "a").spec()).instance_id
     runtime.stop_instance(first)
     assert scrape(server).value("llama_actors_instance_state", instance_id=first, state="stopped")

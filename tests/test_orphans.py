@@ -16,13 +16,13 @@ from typing import Any
 import psutil
 import pytest
 
-from llama_actors import Ledger
+from llama_actors.lowlevel import Ledger
 
 from ._helpers import wait_gone
 
 OWNER = """\
 import json, os, signal, sys
-from llama_actors._lifeline import lifeline
+from llama_actors._process.lifeline import lifeline
 from llama_actors.testing.fake import start_fake
 
 folder, mode = sys.argv[1], sys.argv[2]
@@ -124,7 +124,7 @@ def test_a_new_owner_reaps_servers_a_dead_owner_left_behind(
 
 
 def test_reaping_never_signals_a_process_that_reused_a_recorded_pid(tmp_path: Path) -> None:
-    from llama_actors._ledger import LedgerEntry, argv_digest
+    from llama_actors._process.ledger import LedgerEntry, argv_digest
 
     bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
@@ -159,7 +159,7 @@ def test_reaping_never_signals_a_process_that_reused_a_recorded_pid(tmp_path: Pa
 
 
 def test_servers_of_a_live_owner_are_not_leftovers(tmp_path: Path) -> None:
-    from llama_actors._ledger import LedgerEntry
+    from llama_actors._process.ledger import LedgerEntry
 
     ledger = Ledger(tmp_path)
     me = psutil.Process()
@@ -180,7 +180,7 @@ def test_servers_of_a_live_owner_are_not_leftovers(tmp_path: Path) -> None:
 def test_the_reap_command_lists_then_stops_what_a_dead_owner_left_behind(
     owner: RunOwner, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from llama_actors._cli import main
+    from llama_actors._cli.main import main
 
     info = owner("no-guard")
     servers = info["servers"]

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from llama_actors._health import probe_health
-from llama_actors._probe_client import ProbeClient
+from llama_actors._kernel.health import probe_health
+from llama_actors._kernel.probe_client import ProbeClient
 
 Handler = Callable[[socket.socket], None]
 

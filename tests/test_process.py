@@ -19,21 +19,18 @@ import pytest
 
 from llama_actors import (
     BinaryNotFoundError,
-    LaunchPlan,
     ModelFileError,
     PortInUseError,
-    ProcessExit,
     ServerExitedError,
-    ServerProcess,
     SpawnError,
     WaitTimeoutError,
-    _process,
     boot_spec,
 )
-from llama_actors._binary import ServerBinary
-from llama_actors._ledger import Ledger
-from llama_actors._render import PrivateFile
-from llama_actors._secret import Secret
+from llama_actors._base.secret import Secret
+from llama_actors._process import process as _process
+from llama_actors._process.ledger import Ledger
+from llama_actors._process.plan import PrivateFile
+from llama_actors.lowlevel import LaunchPlan, ProcessExit, ServerProcess
 
 from ._helpers import wait_gone
 
@@ -52,17 +49,21 @@ def plan_for(model_file: Path) -> PlanFor:
         **fields: object,
     ) -> LaunchPlan:
         spec = boot_spec({"model": str(model_file), **fields})
-        binary = ServerBinary(
-            path=argv[0], version=None, build_number=None, commit=None, options=()
-        )
         return LaunchPlan(
-            spec=spec,
-            binary=binary,
+            name=spec.alias,
+            binary_path=argv[0],
+            binary_label=argv[0],
             argv=tuple(argv),
             env=dict(spec.environment),
             private_files=private_files,
+            host=spec.host,
+            port=spec.port if isinstance(spec.port, int) else None,
             port_mode=port_mode,  # type: ignore[arg-type]
+            port_index=0,
             slots={},
+            model=spec.model,
+            has_key=bool(spec.server_keys),
+            stop_timeout_s=spec.stop_timeout_s,
         )
 
     return make
@@ -308,14 +309,8 @@ def test_private_files_are_0600_while_the_server_runs_and_gone_after(
         ["/bin/sh", "-c", f'ls -l "$0" > {seen}; cat "$0" >> {seen}; sleep 300'],
         private_files=(PrivateFile("api-key", Secret("sk-very-secret\n")),),
     )
-    plan = LaunchPlan(
-        spec=plan.spec,
-        binary=plan.binary,
-        argv=(*plan.argv, "<api-key>"),
-        env=plan.env,
-        private_files=plan.private_files,
-        port_mode=plan.port_mode,
-        slots={len(plan.argv): "api-key"},
+    plan = msgspec.structs.replace(
+        plan, argv=(*plan.argv, "<api-key>"), slots={len(plan.argv): "api-key"}
     )
     process = start(started, plan)
     folder = process.private_dir

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from llama_actors._readiness import ReadyProbe, StallDeadline, probe_ready
+from llama_actors._kernel.readiness import ReadyProbe, StallDeadline, probe_ready
 
 HEADERS = {"Authorization": "Bearer sk-test"}
 

@@ -17,9 +17,10 @@ import httpx
 import msgspec
 import pytest
 
-from llama_actors import ServerProcess, boot_spec, render_command
-from llama_actors._boot_spec import FIELDS
-from llama_actors._cli import main
+from llama_actors import boot_spec
+from llama_actors._cli.main import main
+from llama_actors._llama.boot_spec import FIELDS
+from llama_actors.lowlevel import ServerProcess, render_command
 
 pytestmark = pytest.mark.real_server
 
@@ -130,7 +131,8 @@ def test_the_rendered_argv_of_a_spec_with_every_field_gets_past_argument_parsing
 def test_port_auto_makes_the_real_server_bind_and_report_a_free_port(
     gemma_model: str, popen_group: list[subprocess.Popen[bytes]]
 ) -> None:
-    plan = render_command(boot_spec({"model": gemma_model, "ctx_size": 256, "threads": 1}))
+    spec = boot_spec({"model": gemma_model, "ctx_size": 256, "threads": 1})
+    plan = render_command(spec)
     assert plan.port_mode == "bind_zero"
     proc = subprocess.Popen(
         list(plan.argv),
@@ -145,7 +147,7 @@ def test_port_auto_makes_the_real_server_bind_and_report_a_free_port(
     assert line, f"no 'listening on' line:\n{output[-2000:]}"
     port = int(line.rsplit(":", 1)[1])
     assert port > 0
-    health = httpx.get(plan.spec.urls(port).health_url, timeout=10)
+    health = httpx.get(spec.urls(port).health_url, timeout=10)
     assert health.status_code in (200, 503)
 
 

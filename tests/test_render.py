@@ -8,14 +8,8 @@ from typing import Any
 
 import pytest
 
-from llama_actors import (
-    LlamaActorsError,
-    ModelFileError,
-    UnsupportedFlagError,
-    boot_spec,
-    check_model_file,
-    render_command,
-)
+from llama_actors import LlamaActorsError, ModelFileError, UnsupportedFlagError, boot_spec
+from llama_actors.lowlevel import check_model_file, probe_binary, render_command
 from llama_actors.testing import help_samples
 
 from ._helpers import FakeBinary
@@ -174,6 +168,28 @@ def test_a_build_without_port_zero_reserves_the_port_at_spawn() -> None:
         plan.argv_for({})
 
 
+@pytest.mark.parametrize("binary", [CURRENT, LEGACY], ids=["port-zero", "reserving"])
+def test_a_plan_pinned_to_a_port_renders_that_port_and_keeps_everything_else(binary: Any) -> None:
+    plan = render(binary, api_key="sk-pinned-secret")
+    pinned = plan.with_port(40124)
+
+    assert (pinned.port_mode, pinned.port) == ("fixed", 40124)
+    assert pinned.argv_for({"api-key": "/k"})[plan.argv.index("--port") + 1] == "40124"
+    assert "<port>" not in pinned.display_argv()
+    assert pinned.private_files == plan.private_files
+    assert [a for a in pinned.argv if a != "40124"] == [
+        a for a in plan.argv if a not in ("0", "<port>")
+    ]
+
+
+def test_a_plan_carries_what_the_process_seam_needs_and_no_boot_spec() -> None:
+    plan = render(host="127.0.0.2", port=8089, api_key="sk-x", stop_timeout_ms=1500)
+
+    assert (plan.host, plan.port, plan.port_mode) == ("127.0.0.2", 8089, "fixed")
+    assert (plan.name, plan.model, plan.has_key, plan.stop_timeout_s) == ("gemma", MODEL, True, 1.5)
+    assert "spec" not in plan.__struct_fields__
+
+
 @pytest.mark.parametrize(
     ("binary", "fields", "flag"),
     [
@@ -205,7 +221,8 @@ def test_render_probes_the_specs_own_binary(fake_binary: FakeBinary) -> None:
     binary = fake_binary(help_samples.LEGACY_HELP, help_samples.LEGACY_VERSION)
     plan = render_command(boot_spec({"model": MODEL, "binary_path": str(binary)}))
     assert plan.argv[0] == str(binary)
-    assert plan.binary.build_number == 3600
+    assert plan.binary_label == probe_binary(str(binary)).label
+    assert "3600" in plan.binary_label
 
 
 # -- the model file -------------------------------------------------------------------

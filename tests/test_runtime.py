@@ -15,6 +15,7 @@ import pykka
 import pytest
 
 from llama_actors import (
+    BootSpecError,
     IncompatibleError,
     InstanceFailedError,
     InstanceNotFoundError,
@@ -34,6 +35,7 @@ from llama_actors import (
     WaitTimeoutError,
     signals,
 )
+from llama_actors._llama import render as llama_render
 from llama_actors.testing.signals import SignalRecorder
 
 from ._helpers import FAST, WAIT, Fake, wait_gone
@@ -359,6 +361,35 @@ def test_a_killed_server_is_reported_unavailable_at_once_and_restarted_on_its_po
     assert runtime.renew(resolution.lease.lease_ref).lease_ref == resolution.lease.lease_ref
 
 
+def test_a_spec_is_rendered_once_and_its_restart_reuses_that_plan_on_the_same_port(
+    runtime: Runtime, fake: Fake, recorder: SignalRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renders: list[str] = []
+    real = llama_render._Renderer.plan
+
+    def counting(self: Any) -> Any:
+        renders.append(self.spec.alias)
+        return real(self)
+
+    monkeypatch.setattr(llama_render._Renderer, "plan", counting)
+    spec = fake.spec(alias="rendered-once")
+    first = runtime.resolve_endpoint(spec, "tests")
+    runtime.resolve_endpoint(dict(alias="rendered-once", **_mapping(spec)), "tests")
+    iid, pid = first.instance.instance_id, first.instance.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    recorder.wait_for("instance_ready", iid, timeout=WAIT, count=2)
+
+    assert renders == ["rendered-once"]
+    assert runtime.snapshot(iid).port == first.endpoint.metadata["port"]
+
+
+def _mapping(spec: Any) -> dict[str, Any]:
+    """The fields of a BootSpec as a plain mapping, as a caller would pass them."""
+    keys = ("model", "binary_path", "launcher_args", "environment", "stop_timeout_ms")
+    return {k: getattr(spec, k) for k in keys}
+
+
 def test_restarts_past_the_intensity_limit_fail_the_instance_and_end_its_leases(
     runtime: Runtime, fake: Fake, recorder: SignalRecorder
 ) -> None:
@@ -618,44 +649,64 @@ def test_closing_stops_every_server_and_joins_every_actor_thread(
 
 
 class _Caller(pykka.ThreadingActor):
-    """A service that holds actors: it resolves through the proxy and is told the answer."""
+    """A service that is an actor: told a spec, it resolves through the actor face from
+    its own thread (nothing waits) and is told the answer."""
 
-    def __init__(self, got: pykka.ThreadingFuture[Replied]) -> None:
+    def __init__(self, runtime: Runtime, got: pykka.ThreadingFuture[tuple[str, Replied]]) -> None:
         super().__init__()
+        self.face = runtime.actor_face(self.actor_ref)
         self.got = got
+        self.request_id = ""
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, Replied):
-            self.got.set(message)
+            self.got.set((self.request_id, message))
+        else:
+            self.request_id = self.face.resolve_endpoint(message, "actor")
 
 
-def test_an_actor_resolves_through_the_proxy_and_is_told_the_resolution(
+def test_an_actor_resolves_through_the_actor_face_and_is_told_the_resolution(
     runtime: Runtime, fake: Fake
 ) -> None:
-    got: pykka.ThreadingFuture[Replied] = pykka.ThreadingFuture()
-    caller = _Caller.start(got)
+    got: pykka.ThreadingFuture[tuple[str, Replied]] = pykka.ThreadingFuture()
+    caller = _Caller.start(runtime, got)
     try:
-        proxy = runtime.proxy()
-        request_id = proxy.resolve_endpoint(fake.spec(), "actor", reply_to=caller).get(timeout=5)
-        replied = got.get(timeout=WAIT)
+        caller.tell(fake.spec())
+        request_id, replied = got.get(timeout=WAIT)
     finally:
         caller.stop()
 
+    assert request_id.startswith("req-")
     assert replied.request_id == request_id
     assert replied.error is None
     resolution = replied.value
     assert isinstance(resolution, Resolution)
     assert chat(resolution).status_code == 200
     iid = resolution.instance.instance_id
-    assert proxy.snapshot(iid).get(timeout=5).lease_count == 1
-    assert proxy.published_endpoint(iid).get(timeout=5).lease_ref is None
+    assert runtime.snapshot(iid).lease_count == 1
+    assert runtime.published_endpoint(iid).lease_ref is None
 
 
-def test_bad_input_through_the_proxy_fails_the_proxy_call(runtime: Runtime) -> None:
-    future = runtime.proxy().resolve_endpoint({"model": ""}, "x", reply_to=pykka.ThreadingFuture())
+def test_bad_input_through_the_actor_face_raises_in_the_calling_thread(runtime: Runtime) -> None:
+    face = runtime.actor_face(pykka.ThreadingFuture())  # type: ignore[arg-type]
 
-    with pytest.raises(Exception, match="model"):
-        future.get(timeout=5)
+    with pytest.raises(BootSpecError, match="model"):
+        face.resolve_endpoint({"model": ""}, "x")
+    with pytest.raises(UsageError):
+        face.renew("lease-x", 0)
+    assert runtime.instances() == []
+
+
+def test_a_renew_of_an_unknown_lease_through_the_actor_face_is_answered_with_the_error(
+    runtime: Runtime,
+) -> None:
+    answer: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
+    face = runtime.actor_face(answer)  # type: ignore[arg-type]
+
+    assert face.renew("lease-unknown") == "lease-unknown"
+
+    with pytest.raises(LeaseNotFoundError):
+        answer.get(timeout=5)
 
 
 def test_ensure_instance_starts_a_server_without_a_lease(runtime: Runtime, fake: Fake) -> None:
@@ -668,7 +719,7 @@ def test_ensure_instance_starts_a_server_without_a_lease(runtime: Runtime, fake:
 def test_only_the_newest_finished_instances_stay_visible(
     runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("llama_actors._supervisor.KEEP_FINISHED", 1)
+    monkeypatch.setattr("llama_actors._runtime.supervisor.KEEP_FINISHED", 1)
     ids = []
     for name in ("a", "b", "c"):
         snap = runtime.ensure_instance(Fake(tmp_path / name).spec())
@@ -703,15 +754,3 @@ def test_a_ttl_that_is_not_positive_is_a_usage_error_before_anything_starts(
         runtime.resolve_endpoint(fake.spec(), "tests", ttl_ms=0)
 
     assert runtime.instances() == []
-
-
-def test_a_bad_renew_through_the_proxy_is_answered_with_the_error(
-    runtime: Runtime, fake: Fake
-) -> None:
-    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
-    answer: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
-
-    runtime.proxy().renew(resolution.lease.lease_ref, 0, reply_to=answer).get(timeout=5)
-
-    with pytest.raises(UsageError):
-        answer.get(timeout=5)

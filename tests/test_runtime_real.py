@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import llama_actors
-from llama_actors._probe_client import ProbeClient, ProbeResponse
+from llama_actors._kernel.probe_client import ProbeClient, ProbeResponse
 from llama_actors.signals import ALL_SIGNALS
 
 pytestmark = pytest.mark.real_server
@@ -155,7 +155,7 @@ def assert_gone(pids: list[int], state_dir: Path, key_files: list[Path]) -> None
     """After close: no server pid, no ledger entry, no key file is left."""
     for pid in pids:
         assert not psutil.pid_exists(pid), f"server pid {pid} outlived Runtime.close()"
-    assert llama_actors.Ledger(state_dir).entries() == []
+    assert llama_actors.lowlevel.Ledger(state_dir).entries() == []
     for path in key_files:
         assert not path.exists(), f"{path} outlived its server"
 

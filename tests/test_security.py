@@ -32,9 +32,9 @@ from llama_actors import (
     Runtime,
     ServerExitedError,
     boot_spec,
-    render_command,
 )
-from llama_actors.testing.fake import fake_plan, start_fake
+from llama_actors.lowlevel import render_command
+from llama_actors.testing.fake import fake_boot_spec, start_fake
 from llama_actors.testing.signals import SignalRecorder
 
 from ._helpers import wait_gone
@@ -56,7 +56,7 @@ def fake_spec(folder: Path, behaviour: dict[str, str] | None = None, **fields: A
     fields.setdefault("health_interval_ms", 100)
     fields.setdefault("readiness_interval_ms", 20)
     fields.setdefault("stop_timeout_ms", 2_000)
-    return fake_plan(folder, behaviour=behaviour, **fields).spec
+    return fake_boot_spec(folder, behaviour=behaviour, **fields)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import blinker
 import pytest
 
 import llama_actors.signals
-from llama_actors._signals import emit
+from llama_actors._runtime.signals import emit
 from llama_actors.signals import ALL_SIGNALS, health_changed, instance_ready, signals
 
 
@@ -112,7 +112,7 @@ def test_a_receiver_that_raises_is_logged_and_the_others_still_run(
 def test_every_transition_is_one_log_line_naming_the_instance_and_the_reason(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from llama_actors._signals import instance_failed, probe_completed
+    from llama_actors._runtime.signals import instance_failed, probe_completed
 
     caplog.set_level(logging.DEBUG, logger="llama_actors.transitions")
     emit(health_changed, "chat-1", old="healthy", new="degraded", reason="probe slow (0.7s)")

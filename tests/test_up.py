@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llama_actors._up import BackendStatus, render_table
+from llama_actors._cli.up import BackendStatus, render_table
 from llama_actors.testing.fake import FAKE_SERVER
 
 CLI = str(Path(sys.executable).parent / "llama-actors")
@@ -328,6 +328,9 @@ def test_up_shows_a_live_table_in_a_terminal_and_ctrl_c_leaves_nothing_behind(
     if tmux is None:
         pytest.fail("tmux is needed for this test; install it (Debian: apt-get install tmux)")
     session = f"llama-actors-up-{os.getpid()}"
+    # A tmux server of the test's own (its own socket): the pane inherits this process's
+    # environment, the test run's mark included, and nobody else's sessions are touched.
+    tmux_at = [tmux, "-L", session]
     state = tmp_path / "state"
     done_file = tmp_path / "exit-code"
     command = (
@@ -336,14 +339,15 @@ def test_up_shows_a_live_table_in_a_terminal_and_ctrl_c_leaves_nothing_behind(
         f"echo $? > {done_file}; sleep 60"
     )
     subprocess.run(
-        [tmux, "new-session", "-d", "-s", session, "-x", "140", "-y", "40", command], check=True
+        [*tmux_at, "new-session", "-d", "-s", session, "-x", "140", "-y", "40", command],
+        check=True,
     )
     try:
         screen = ""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             screen = subprocess.run(
-                [tmux, "capture-pane", "-p", "-t", session],
+                [*tmux_at, "capture-pane", "-p", "-t", session],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -359,11 +363,11 @@ def test_up_shows_a_live_table_in_a_terminal_and_ctrl_c_leaves_nothing_behind(
         pids = [int(r[4]) for r in rows]
         assert all(psutil.pid_exists(pid) for pid in pids)
 
-        subprocess.run([tmux, "send-keys", "-t", session, "C-c"], check=True)
+        subprocess.run([*tmux_at, "send-keys", "-t", session, "C-c"], check=True)
         deadline = time.monotonic() + 60
         while not done_file.exists() and time.monotonic() < deadline:
             threading.Event().wait(0.2)
         assert done_file.read_text().strip() == "0"
         assert not any(psutil.pid_exists(pid) for pid in pids)
     finally:
-        subprocess.run([tmux, "kill-session", "-t", session], check=False)
+        subprocess.run([*tmux_at, "kill-server"], check=False)

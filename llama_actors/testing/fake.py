@@ -1,8 +1,8 @@
 """Starting the fake llama-server (``fake_server.py``) through the real process seam.
 
-``start_fake(folder, behaviour={...})`` renders a boot spec for the fake, starts it with
-:class:`~llama_actors.ServerProcess`, waits until it listens and returns a :class:`FakeLlama`
-whose behaviour a test can change while it runs (``fake.set(health="degraded")``).
+``start_fake(folder, behaviour={...})`` renders a boot spec for the fake, starts it
+with :class:`~llama_actors.lowlevel.ServerProcess`, waits until it listens and returns a
+:class:`FakeLlama` whose behaviour a test can change while it runs (``fake.set(health="degraded")``).
 The pytest plugin wraps it as the ``fake_llama`` fixture.
 """
 
@@ -16,13 +16,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llama_actors._boot_spec import BootSpec, EndpointUrls, boot_spec
 from llama_actors._exceptions import ServerExitedError, WaitTimeoutError
-from llama_actors._process import LineCallback, ServerProcess
-from llama_actors._render import LaunchPlan, render_command
+from llama_actors._llama.boot_spec import BootSpec, EndpointUrls, boot_spec
+from llama_actors._llama.render import render_command
+from llama_actors._process.plan import LaunchPlan
+from llama_actors._process.process import LineCallback, ServerProcess
 from llama_actors.testing.fake_server import write_control
 
-__all__ = ["FAKE_SERVER", "FakeLlama", "fake_plan", "fake_spec", "start_fake"]
+__all__ = [
+    "FAKE_SERVER",
+    "FakeLlama",
+    "fake_boot_spec",
+    "fake_plan",
+    "fake_spec",
+    "start_fake",
+]
 
 #: The fake server's script; run it as ``[sys.executable, FAKE_SERVER, ...flags]``.
 FAKE_SERVER = str(Path(__file__).with_name("fake_server.py"))
@@ -40,13 +48,13 @@ def fake_spec(model: str | os.PathLike[str], **fields: Any) -> BootSpec:
     return boot_spec(mapping)
 
 
-def fake_plan(
+def fake_boot_spec(
     folder: str | os.PathLike[str],
     *,
     behaviour: Mapping[str, str] | None = None,
     **fields: Any,
-) -> LaunchPlan:
-    """Render a spec for the fake in ``folder``: a model file, a control file, and the
+) -> BootSpec:
+    """A spec for the fake in ``folder``: a model file, a control file, and the
     ``FAKE_LLAMA_*`` behaviour variables (names without the prefix are accepted)."""
     base = Path(folder)
     base.mkdir(parents=True, exist_ok=True)
@@ -61,20 +69,27 @@ def fake_plan(
         key = name.upper()
         env[key if key.startswith("FAKE_LLAMA_") else f"FAKE_LLAMA_{key}"] = str(value)
     environment = {**env, **fields.pop("environment", {})}
-    return render_command(fake_spec(model, environment=environment, **fields))
+    return fake_spec(model, environment=environment, **fields)
+
+
+def fake_plan(
+    folder: str | os.PathLike[str],
+    *,
+    behaviour: Mapping[str, str] | None = None,
+    **fields: Any,
+) -> LaunchPlan:
+    """:func:`fake_boot_spec` rendered into a launch plan (for the process seam)."""
+    return render_command(fake_boot_spec(folder, behaviour=behaviour, **fields))
 
 
 class FakeLlama:
     """A running fake llama-server and the knobs to change how it behaves."""
 
-    def __init__(self, process: ServerProcess, folder: Path) -> None:
+    def __init__(self, spec: BootSpec, process: ServerProcess, folder: Path) -> None:
+        self.spec = spec
         self.process = process
         self.folder = folder
         self.control_path = folder / "control.json"
-
-    @property
-    def spec(self) -> BootSpec:
-        return self.process.plan.spec
 
     @property
     def port(self) -> int:
@@ -111,7 +126,8 @@ def start_fake(
     Raises :class:`~llama_actors.ServerExitedError` if it exits first and
     :class:`~llama_actors.WaitTimeoutError` if it is not listening within 30 s.
     """
-    plan = fake_plan(folder, behaviour=behaviour, **fields)
+    spec = fake_boot_spec(folder, behaviour=behaviour, **fields)
+    plan = render_command(spec)
     listening = threading.Event()
 
     def watch(line: str) -> None:
@@ -126,7 +142,7 @@ def start_fake(
         on_line=watch,
         on_exit=lambda _: listening.set(),
     )
-    fake = FakeLlama(process, Path(folder))
+    fake = FakeLlama(spec, process, Path(folder))
     if wait_ready:
         try:
             if not listening.wait(_READY_TIMEOUT):

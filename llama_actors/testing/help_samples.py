@@ -2,12 +2,12 @@
 
 Written for tests of the help parser and the renderer: they keep only the options the
 library renders, in each era's layout. ``binary(...)`` turns one into a
-:class:`~llama_actors.ServerBinary` without running anything.
+:class:`~llama_actors.lowlevel.ServerBinary` without running anything.
 """
 
 from __future__ import annotations
 
-from llama_actors._binary import ServerBinary, parse_help, parse_version
+from llama_actors._llama.binary import ServerBinary, parse_help, parse_version
 
 __all__ = [
     "CURRENT_HELP",

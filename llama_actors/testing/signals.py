@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from llama_actors._signals import ALL_SIGNALS
+from llama_actors._runtime.signals import ALL_SIGNALS
 
 __all__ = ["Record", "SignalRecorder"]
 

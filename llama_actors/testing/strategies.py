@@ -18,7 +18,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from llama_actors._boot_spec import (
+from llama_actors._kernel.manifest import BackendManifest, ConsumerManifest, llama_manifest
+from llama_actors._llama.boot_spec import (
     FIELDS,
     FLASH_ATTN_VALUES,
     INT_MAX,
@@ -26,7 +27,6 @@ from llama_actors._boot_spec import (
     BootSpec,
     boot_spec,
 )
-from llama_actors._manifest import BackendManifest, ConsumerManifest, llama_manifest
 
 __all__ = [
     "IDENTITY_FIELD_VALUES",

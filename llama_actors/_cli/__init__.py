@@ -1,0 +1,2 @@
+"""The command line: ``llama-actors`` (render, run, reap, up, status, demo) and the
+config file format that ``up`` reads."""

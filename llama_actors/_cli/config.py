@@ -1,0 +1,248 @@
+"""Config files: one or more named backends, each a boot spec, in TOML.
+
+.. code-block:: toml
+
+    [backends.chat]
+    model = "models/gemma.gguf"   # relative paths are relative to this file;
+                                  # ${NAME} in a path is an environment variable
+    ctx_size = 4096
+
+    [backends.chat.policy]        # optional: InstancePolicy fields
+    idle_shutdown_ms = 300000     # false (TOML has no null) means None: never
+
+    [backends.chat.policy.restart]  # optional: RestartPolicy fields
+    max_restarts = 3
+
+Errors are :class:`BootSpecError` with ``source`` set to the file and ``field`` the full
+path, such as ``backends.chat.port``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from llama_actors._exceptions import BootSpecError
+from llama_actors._kernel.policy import InstancePolicy, RestartPolicy
+from llama_actors._llama.boot_spec import BootSpec, boot_spec
+
+__all__ = [
+    "Config",
+    "load_config",
+    "parse_config",
+    "read_config_file",
+    "validate_config",
+    "validate_config_file",
+]
+
+_BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PATH_FIELDS = ("model", "api_key_file")
+
+
+class Config(msgspec.Struct, frozen=True):
+    """A parsed config file: its path (if any), its backends by name in file order, and
+    the policy of each backend that has a ``policy`` table."""
+
+    source: str | None
+    backends: dict[str, BootSpec]
+    policies: dict[str, InstancePolicy] = msgspec.field(default_factory=dict)
+
+    def policy(self, name: str) -> InstancePolicy | None:
+        """The backend's own policy, or None when the file gives it none."""
+        self.backend(name)
+        return self.policies.get(name)
+
+    def backend(self, name: str) -> BootSpec:
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise BootSpecError(
+                f"backends.{name}",
+                name,
+                f"no such backend; the file has {', '.join(self.backends) or 'none'}",
+                source=self.source,
+            ) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file; the first invalid field raises."""
+    source = os.fspath(path)
+    base_dir = os.path.dirname(os.path.abspath(source))
+    specs, policies, errors = _validate(read_config_file(source), source, base_dir)
+    if errors:
+        raise errors[0]
+    return Config(source=source, backends=specs, policies=policies)
+
+
+def validate_config_file(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, BootSpec], list[BootSpecError]]:
+    """Read a TOML config file and validate every backend, collecting all the errors.
+
+    A file that cannot be read or parsed still raises :class:`BootSpecError`.
+    """
+    source = os.fspath(path)
+    base_dir = os.path.dirname(os.path.abspath(source))
+    return validate_config(read_config_file(source), source=source, base_dir=base_dir)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a TOML file, turning read and syntax errors into :class:`BootSpecError`."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise BootSpecError(
+            "", source, f"cannot read config file ({exc.strerror or exc})", source=source
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BootSpecError("", source, f"is not valid TOML: {exc}", source=source) from None
+    except UnicodeDecodeError:
+        raise BootSpecError("", source, "is not UTF-8 text", source=source) from None
+
+
+def parse_config(
+    data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
+) -> Config:
+    """Validate an already parsed config mapping; relative paths resolve against ``base_dir``."""
+    specs, policies, errors = _validate(data, source, base_dir)
+    if errors:
+        raise errors[0]
+    return Config(source=source, backends=specs, policies=policies)
+
+
+def validate_config(
+    data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
+) -> tuple[dict[str, BootSpec], list[BootSpecError]]:
+    """Validate every backend; return the valid specs and an error for each invalid one."""
+    specs, _policies, errors = _validate(data, source, base_dir)
+    return specs, errors
+
+
+def _validate(
+    data: Mapping[str, Any], source: str | None, base_dir: str | None
+) -> tuple[dict[str, BootSpec], dict[str, InstancePolicy], list[BootSpecError]]:
+    errors: list[BootSpecError] = [
+        BootSpecError(
+            str(key),
+            data[key],
+            "unknown top-level key; put backends under [backends.NAME]",
+            source=source,
+        )
+        for key in data
+        if key != "backends"
+    ]
+    backends = data.get("backends")
+    if not isinstance(backends, Mapping) or not backends:
+        errors.append(
+            BootSpecError(
+                "backends",
+                backends,
+                "the file needs at least one [backends.NAME] table",
+                source=source,
+            )
+        )
+        return {}, {}, errors
+    specs: dict[str, BootSpec] = {}
+    policies: dict[str, InstancePolicy] = {}
+    for name, table in backends.items():
+        prefix = f"backends.{name}"
+        if not isinstance(name, str) or not _BACKEND_NAME.match(name):
+            reason = "backend names are letters, digits, '_', '-' and '.'"
+            errors.append(BootSpecError(prefix, name, reason, source=source))
+        elif not isinstance(table, Mapping):
+            reason = "must be a table of boot spec fields"
+            errors.append(BootSpecError(prefix, table, reason, source=source))
+        else:
+            fields = dict(table)
+            policy = fields.pop("policy", None)
+            try:
+                specs[name] = boot_spec(_resolve_paths(fields, base_dir))
+            except BootSpecError as exc:
+                errors.append(exc.located(prefix, source))
+            if policy is not None:
+                try:
+                    policies[name] = _policy(policy)
+                except BootSpecError as exc:
+                    errors.append(exc.located(f"{prefix}.policy", source))
+    return specs, policies, errors
+
+
+_OPTIONAL_POLICY_FIELDS = ("idle_shutdown_ms", "wedged_restart_ms")
+
+
+def _policy(table: Any) -> InstancePolicy:
+    """An :class:`InstancePolicy` from a TOML table; errors name the field."""
+    if not isinstance(table, Mapping):
+        raise BootSpecError("", table, "must be a table of InstancePolicy fields")
+    _check_keys(table, InstancePolicy, "")
+    restart = table.get("restart")
+    if restart is not None:
+        if not isinstance(restart, Mapping):
+            raise BootSpecError("restart", restart, "must be a table of RestartPolicy fields")
+        _check_keys(restart, RestartPolicy, "restart.")
+    fields = dict(table)
+    for name in _OPTIONAL_POLICY_FIELDS:
+        if fields.get(name) is False:  # TOML has no null: false turns the feature off
+            fields[name] = None
+    try:
+        return msgspec.convert(fields, InstancePolicy)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        field = where.rstrip("`").lstrip(".")
+        value: Any = table
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        raise BootSpecError(field, value, message.rstrip(".").lower()) from None
+
+
+def _check_keys(table: Mapping[str, Any], struct: type[msgspec.Struct], prefix: str) -> None:
+    known = struct.__struct_fields__
+    for key in table:
+        if key not in known:
+            raise BootSpecError(
+                f"{prefix}{key}",
+                table[key],
+                f"unknown {struct.__name__} field; known: {', '.join(known)}",
+            )
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(table: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace ``${NAME}`` in path fields with the environment variable's value."""
+    out = dict(table)
+    for field in (*_PATH_FIELDS, "binary_path"):
+        value = out.get(field)
+        if not isinstance(value, str) or "${" not in value:
+            continue
+        missing = [m for m in _VARIABLE.findall(value) if m not in os.environ]
+        if missing:
+            raise BootSpecError(
+                field,
+                value,
+                f"environment variable {missing[0]} is not set; set it or write the path",
+            )
+        out[field] = _VARIABLE.sub(lambda m: os.environ[m.group(1)], value)
+    return out
+
+
+def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, Any]:
+    out = _expand(table)
+    if base_dir is None:
+        return out
+    for field in _PATH_FIELDS:
+        value = out.get(field)
+        if isinstance(value, str) and value.strip() and "\x00" not in value:
+            out[field] = os.path.join(base_dir, os.path.expanduser(value))
+    binary = out.get("binary_path")
+    if isinstance(binary, str) and os.sep in binary and "\x00" not in binary:
+        out["binary_path"] = os.path.join(base_dir, os.path.expanduser(binary))
+    return out

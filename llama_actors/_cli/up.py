@@ -1,0 +1,382 @@
+"""``llama-actors up``: every backend of a config file under one Runtime, in the
+foreground, until Ctrl-C or SIGTERM; and ``llama-actors status``, which reads what a
+running ``up`` publishes in the state folder without touching it.
+
+A running ``up`` rewrites ``STATE_DIR/up/PID.json`` (atomically) whenever it redraws,
+and removes it when it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+import msgspec
+import psutil
+
+from llama_actors._base.state import default_state_dir
+from llama_actors._cli.config import Config
+from llama_actors._exceptions import LlamaActorsError
+from llama_actors._kernel.types import RuntimeSnapshot
+from llama_actors._runtime.runtime import Runtime
+from llama_actors._runtime.signals import instance_failed
+
+__all__ = ["BackendStatus", "UpStatus", "read_status", "render_table", "run_up"]
+
+EXIT_OK, EXIT_FAILED = 0, 1
+COLUMNS = ("backend", "state", "health", "port", "pid", "leases", "restarts", "uptime")
+
+
+class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One backend's row in the table and in the status file."""
+
+    name: str
+    instance_id: str | None = None
+    state: str = "pending"
+    health: str = "unknown"
+    phase: str | None = None
+    port: int | None = None
+    pid: int | None = None
+    leases: int = 0
+    restarts: int = 0
+    uptime_s: float | None = None
+    base_url: str | None = None
+    log_path: str | None = None
+    error: str | None = None
+
+
+class UpStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """What a running ``up`` publishes: who it is, its config, and each backend."""
+
+    pid: int
+    config: str | None
+    state_dir: str
+    started_at: float
+    updated_at: float
+    backends: list[BackendStatus]
+
+
+def status_dir(state_dir: Path) -> Path:
+    return state_dir / "up"
+
+
+class _Up:
+    """The foreground loop: start, redraw (or log), stop on a signal."""
+
+    def __init__(
+        self,
+        config: Config,
+        names: Sequence[str],
+        runtime: Runtime,
+        out: TextIO,
+        *,
+        live: bool,
+        refresh_s: float,
+        abort_on_failure: bool,
+    ) -> None:
+        self.config = config
+        self.names = list(names)
+        self.runtime = runtime
+        self.out = out
+        self.live = live
+        self.refresh_s = refresh_s
+        self.abort_on_failure = abort_on_failure
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.started_at = time.time()
+        self.errors: dict[str, str] = {}
+        self.events: deque[str] = deque(maxlen=8)
+        self.announced: set[str] = set()
+        self.status_file = status_dir(runtime.state_dir) / f"{os.getpid()}.json"
+
+    # -- starting ---------------------------------------------------------------------
+
+    def start_all(self) -> None:
+        """Ask for every backend at once; each waits for readiness on its own thread."""
+        for name in self.names:
+            threading.Thread(
+                target=self._ensure, args=(name,), name=f"up-{name}", daemon=True
+            ).start()
+
+    def _ensure(self, name: str) -> None:
+        spec = self.config.backend(name)
+        policy = self.config.policy(name)
+        ceiling = (policy or self.runtime.policy).ready_ceiling_s
+        try:
+            self.runtime.ensure_instance(spec, policy=policy, timeout=ceiling + 30.0)
+        except LlamaActorsError as exc:
+            if not self.stop.is_set():
+                self.errors[name] = str(exc)
+                self.wake.set()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.start_all()
+        while not self.stop.is_set():
+            rows = self.rows()
+            self.publish(rows)
+            self.show(rows)
+            failed = [r for r in rows if r.state == "failed"]
+            if failed and (self.abort_on_failure or len(failed) == len(rows)):
+                break
+            self.wake.wait(self.refresh_s)
+            self.wake.clear()
+        return self.finish()
+
+    def finish(self) -> int:
+        rows = self.rows()
+        self.say("stopping every backend ...")
+        self.runtime.close()
+        with contextlib.suppress(OSError):
+            self.status_file.unlink()
+        failed = [r for r in rows if r.state == "failed"]
+        for row in failed:
+            self.say(f"backend {row.name} failed for good: {row.error}", error=True)
+        self.say("stopped; nothing left running")
+        return EXIT_FAILED if failed else EXIT_OK
+
+    def rows(self) -> list[BackendStatus]:
+        # instances() is oldest first, so the newest instance of each identity wins.
+        latest: dict[str, RuntimeSnapshot] = {s.instance_key: s for s in self.runtime.instances()}
+        rows = []
+        for name in self.names:
+            spec = self.config.backend(name)
+            snap = latest.get(spec.instance_key)
+            if snap is None:
+                error = self.errors.get(name)
+                state = "failed" if error else "pending"
+                rows.append(BackendStatus(name=name, state=state, error=error))
+                continue
+            base_url = None
+            if snap.port is not None:
+                base_url = spec.urls(snap.port).base_url
+            rows.append(
+                BackendStatus(
+                    name=name,
+                    instance_id=snap.instance_id,
+                    state=snap.state,
+                    health=snap.health,
+                    phase=snap.phase,
+                    port=snap.port,
+                    pid=snap.pid,
+                    leases=snap.lease_count,
+                    restarts=snap.restart_count,
+                    uptime_s=snap.uptime_s,
+                    base_url=base_url,
+                    log_path=snap.log_path,
+                    error=snap.last_error if snap.state == "failed" else None,
+                )
+            )
+            if snap.instance_id not in self.announced:
+                self.announced.add(snap.instance_id)
+                self.say(f"backend {name} is instance {snap.instance_id} (log: {snap.log_path})")
+        return rows
+
+    def publish(self, rows: list[BackendStatus]) -> None:
+        status = UpStatus(
+            pid=os.getpid(),
+            config=self.config.source,
+            state_dir=str(self.runtime.state_dir),
+            started_at=self.started_at,
+            updated_at=time.time(),
+            backends=rows,
+        )
+        try:
+            self.status_file.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.status_file.with_suffix(".json.partial")
+            partial.write_bytes(msgspec.json.encode(status))
+            partial.replace(self.status_file)
+        except OSError as exc:
+            logging.getLogger("llama_actors.up").warning(
+                "cannot write %s: %s; `llama-actors status` will not see this run",
+                self.status_file,
+                exc,
+            )
+
+    def show(self, rows: list[BackendStatus]) -> None:
+        if not self.live:
+            return
+        # Cursor home, then each line cleared to its end, then the rest of the screen.
+        lines = [f"llama-actors up {self.config.source}  (Ctrl-C stops everything)", ""]
+        lines += render_table(rows)
+        lines += [""] + [f"{r.name}: {r.error or r.log_path or '-'}" for r in rows]
+        lines += ["", "recent:"] + [f"  {e}" for e in self.events]
+        text = "\x1b[H" + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J"
+        self.out.write(text)
+        self.out.flush()
+
+    def say(self, line: str, *, error: bool = False) -> None:
+        """A plain line (not on a terminal) or an entry under the table (on one); either
+        way the loop wakes to redraw and republish the status file."""
+        self.wake.set()
+        if self.live:
+            self.events.append(line)
+            if error or self.stop.is_set():
+                self.out.write(line + "\n")
+                self.out.flush()
+            return
+        self.out.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        self.out.flush()
+
+
+def render_table(rows: Sequence[BackendStatus]) -> list[str]:
+    """The status table as lines of text, one row per backend."""
+    cells = [COLUMNS] + [
+        (
+            r.name,
+            r.state if r.phase is None else f"{r.state} ({r.phase})",
+            r.health,
+            _dash(r.port),
+            _dash(r.pid),
+            str(r.leases),
+            str(r.restarts),
+            _uptime(r.uptime_s),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class _TransitionLines(logging.Handler):
+    """Hands each ``llama_actors.transitions`` record to the ``up`` loop."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink(record.getMessage())
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event, wake: threading.Event) -> Iterator[None]:
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+        wake.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_up(
+    config: Config,
+    *,
+    names: Sequence[str] | None = None,
+    state_dir: str | None = None,
+    out: TextIO,
+    live: bool | None = None,
+    refresh_s: float = 0.5,
+    abort_on_failure: bool = False,
+) -> int:
+    """Run every backend (or ``names``) until SIGINT or SIGTERM; 1 if any failed for good."""
+    chosen = list(names) if names else list(config.backends)
+    for name in chosen:
+        config.backend(name)  # an unknown name fails before anything starts
+    if live is None:
+        live = out.isatty()
+    transitions = logging.getLogger("llama_actors.transitions")
+    with Runtime(state_dir=state_dir) as runtime:
+        up = _Up(
+            config,
+            chosen,
+            runtime,
+            out,
+            live=live,
+            refresh_s=refresh_s,
+            abort_on_failure=abort_on_failure,
+        )
+        handler = _TransitionLines(up.say)
+        level = transitions.level
+        transitions.addHandler(handler)
+        if not transitions.isEnabledFor(logging.INFO):
+            transitions.setLevel(logging.INFO)
+        failed = instance_failed.connect(lambda *_a, **_k: up.wake.set(), weak=False)
+        if live:
+            out.write("\x1b[2J")
+        else:
+            up.say(
+                f"up: {len(chosen)} backend(s) from {config.source}; state in {runtime.state_dir}"
+            )
+        try:
+            with _stop_on_signals(up.stop, up.wake):
+                return up.run()
+        finally:
+            instance_failed.disconnect(failed)
+            transitions.removeHandler(handler)
+            transitions.setLevel(level)
+
+
+def read_status(state_dir: str | os.PathLike[str] | None = None) -> list[tuple[UpStatus, bool]]:
+    """Every ``up`` status file in the state folder, each with whether its process is
+    still running. Reads only; a stale file of a dead ``up`` is reported, not removed."""
+    folder = status_dir(Path(state_dir) if state_dir is not None else default_state_dir())
+    found: list[tuple[UpStatus, bool]] = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            status = msgspec.json.decode(path.read_bytes(), type=UpStatus)
+        except (OSError, msgspec.DecodeError):
+            continue  # being replaced right now, or not ours
+        found.append((status, _alive(status.pid, status.started_at)))
+    return found
+
+
+def _alive(pid: int, started_at: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        # A reused pid belongs to a process that started after this `up` did.
+        return bool(process.create_time() <= started_at + 1.0)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def describe_status(statuses: list[tuple[UpStatus, bool]], out: TextIO) -> int:
+    """Print each running ``up`` and its table; 1 when none is running."""
+    running = 0
+    for status, alive in statuses:
+        if not alive:
+            out.write(f"up pid {status.pid} ({status.config}): not running (stale status file)\n")
+            continue
+        running += 1
+        age = max(0.0, time.time() - status.updated_at)
+        out.write(f"up pid {status.pid}: {status.config} (updated {age:.1f}s ago)\n")
+        for line in render_table(status.backends):
+            out.write(f"  {line}\n")
+        for row in status.backends:
+            if row.base_url:
+                out.write(f"  {row.name}: {row.base_url}  log {row.log_path}\n")
+            if row.error:
+                out.write(f"  {row.name}: {row.error}\n")
+    if not running:
+        out.write("no `llama-actors up` is running with this state folder\n")
+        return EXIT_FAILED
+    return EXIT_OK

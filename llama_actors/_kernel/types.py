@@ -1,0 +1,161 @@
+"""The contract's value types: endpoint descriptors, leases and runtime snapshots."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from llama_actors._base.secret import MASK
+from llama_actors._kernel.manifest import CONTRACT_VERSION, CompatibilityResult, llama_manifest
+from llama_actors._llama.boot_spec import BootSpec
+
+__all__ = [
+    "EndpointDescriptor",
+    "Health",
+    "InstanceState",
+    "Lease",
+    "Resolution",
+    "RuntimeSnapshot",
+    "RuntimeStatistics",
+]
+
+#: Where an instance is in its life: ``starting -> ready -> stopping -> stopped``, or
+#: ``failed`` when supervision gave up (a restart goes back to ``starting``).
+InstanceState = Literal["starting", "ready", "stopping", "stopped", "failed"]
+#: What the health probes say of a ready instance (``unknown`` before its first probe).
+Health = Literal["unknown", "healthy", "degraded", "unavailable"]
+
+
+class EndpointDescriptor(msgspec.Struct, frozen=True, kw_only=True):
+    """Where and how to call a published endpoint (CONTRACT §6).
+
+    Callers POST to ``base_url + "/chat/completions"`` with ``headers``. The published
+    copy has ``lease_ref`` None; a leased copy carries its lease. The repr masks the
+    Authorization header.
+    """
+
+    contract_version: str = CONTRACT_VERSION
+    endpoint_id: str
+    runtime_kind: str
+    management_mode: str
+    target_class: str = "self_hosted_endpoint"
+    protocol: str
+    base_url: str
+    headers: dict[str, str]
+    provider_identity: str
+    model_identity: str
+    source_runtime_ref: str
+    health_ref: str
+    lease_ref: str | None = None
+    capabilities: dict[str, bool | str]
+    metadata: dict[str, Any]
+
+    def __repr__(self) -> str:
+        parts = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name == "headers":
+                value = {k: (MASK if k.lower() == "authorization" else v) for k, v in value.items()}
+            parts.append(f"{name}={value!r}")
+        return f"EndpointDescriptor({', '.join(parts)})"
+
+    @classmethod
+    def for_instance(
+        cls,
+        spec: BootSpec,
+        *,
+        instance_id: str,
+        bound_port: int,
+        binary: str,
+        compatibility: CompatibilityResult | None = None,
+    ) -> EndpointDescriptor:
+        """The published (lease-less) descriptor of an instance serving ``spec``."""
+        manifest = llama_manifest(spec)
+        urls = spec.urls(bound_port)
+        mode = compatibility.management_mode if compatibility else None
+        protocol = compatibility.protocol if compatibility else None
+        return cls(
+            endpoint_id=f"{instance_id}:endpoint",
+            runtime_kind=manifest.runtime_kind,
+            management_mode=mode or manifest.management_modes[0],
+            protocol=protocol or manifest.protocols[0],
+            base_url=urls.base_url,
+            headers=spec.headers,
+            provider_identity=manifest.backend,
+            model_identity=spec.model_identity,
+            source_runtime_ref=urls.root_url,
+            health_ref=urls.health_url,
+            capabilities={
+                "streaming": True,
+                "tool_calling": "unknown",
+                "embeddings": True if spec.embeddings else "unknown",
+            },
+            metadata={
+                "binary": binary,
+                "host": spec.host,
+                "port": bound_port,
+                "api_prefix": spec.api_prefix,
+                "execution_surface": spec.execution_surface,
+            },
+        )
+
+
+class Lease(msgspec.Struct, frozen=True, kw_only=True):
+    """A caller's claim on an endpoint until ``expires_at`` (seconds on the runtime clock)."""
+
+    lease_ref: str
+    instance_id: str
+    owner_ref: str | None
+    ttl_ms: int
+    renewable: bool = True
+    granted_at: float
+    expires_at: float
+
+
+class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """A frozen picture of one instance, safe to hand to any thread.
+
+    ``phase`` says where a ``starting`` instance is (None in other states):
+    ``spawning``, ``spawned`` (no output yet), ``loading`` (its log is moving before
+    it listens, or it answers "Loading model"), ``connecting`` (nothing answers on the
+    port yet), ``waiting``
+    (it answers, but not ready yet) or ``backoff`` (waiting to be restarted).
+    """
+
+    instance_id: str
+    instance_key: str
+    state: InstanceState
+    health: Health = "unknown"
+    phase: str | None = None
+    pid: int | None = None
+    port: int | None = None
+    lease_count: int = 0
+    restart_count: int = 0
+    uptime_s: float | None = None
+    log_path: str | None = None
+    last_error: str | None = None
+
+
+class Resolution(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``resolve_endpoint`` gives: a leased endpoint and where it came from.
+
+    ``endpoint`` is the published descriptor with ``lease_ref`` set; ``reused`` is True
+    when the instance was already running (or starting) for an earlier caller.
+    """
+
+    endpoint: EndpointDescriptor
+    lease: Lease
+    instance: RuntimeSnapshot
+    compatibility: CompatibilityResult
+    reused: bool
+
+
+class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts over every instance a runtime knows, taken at one moment."""
+
+    instances: int
+    states: dict[str, int]
+    health: dict[str, int]
+    leases: int
+    restarts: int

@@ -1,0 +1,91 @@
+"""The runtime for code that lives in a pykka actor (:meth:`Runtime.actor_face`).
+
+The same requests as :class:`~llama_actors.Runtime`, built and checked the same way in
+the calling actor's own thread (bad input raises there, at once), sent the same way,
+but never waited for: each call returns its request id, and the answer is told to
+the actor named at construction as a :class:`~llama_actors.Replied` with that id
+(``value`` or ``error`` set). Because a request is checked in the calling thread, the
+first request for a llama-server binary runs its ``--version``/``--help`` probe there,
+once per build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pykka
+
+from llama_actors._kernel.policy import InstancePolicy
+from llama_actors._llama.boot_spec import BootSpec
+from llama_actors._runtime.calls import Call, Calls
+from llama_actors._runtime.context import deliver
+from llama_actors._runtime.requests import Consumer
+
+__all__ = ["ActorFace"]
+
+
+class ActorFace:
+    """Requests whose answers are told to an actor; see the module docstring."""
+
+    def __init__(self, calls: Calls, reply_to: pykka.ActorRef[Any]) -> None:
+        self._calls = calls
+        self.reply_to = reply_to
+
+    def __repr__(self) -> str:
+        return f"<ActorFace replying to {self.reply_to!r}>"
+
+    def resolve_endpoint(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        policy: InstancePolicy | None = None,
+    ) -> str:
+        """Start a resolve; the :class:`~llama_actors.Resolution` (or the error) is
+        told to ``reply_to``. Returns the request id the answer carries."""
+        return self._send(
+            self._calls.resolve(
+                spec,
+                consumer,
+                owner_ref=owner_ref,
+                ttl_ms=ttl_ms,
+                policy=policy,
+                timeout=0.0,
+                reply=self.reply_to,
+            )
+        )
+
+    def ensure_instance(
+        self, spec: BootSpec | Mapping[str, Any], *, policy: InstancePolicy | None = None
+    ) -> str:
+        """Like :meth:`resolve_endpoint` without a lease; the answer is a snapshot."""
+        return self._send(self._calls.ensure(spec, policy=policy, timeout=0.0, reply=self.reply_to))
+
+    def renew(self, lease_ref: str, ttl_ms: int | None = None) -> str:
+        """Renew a lease; the new :class:`~llama_actors.Lease` or the error is told to
+        ``reply_to`` (request id: the lease ref)."""
+        return self._send(self._calls.renew(lease_ref, ttl_ms, self.reply_to))
+
+    def release(self, lease_ref: str) -> str:
+        """Release a lease (idempotent); ``reply_to`` is told True or False."""
+        call = self._calls.release(lease_ref, self.reply_to)
+        if call is None:  # the runtime is closed: every lease has ended
+            deliver(self.reply_to, lease_ref, value=False)
+            return lease_ref
+        return self._send(call)
+
+    def stop_instance(self, instance_id: str, *, drain_timeout: float | None = None) -> str:
+        """Drain and stop an instance; ``reply_to`` is told its final snapshot
+        (request id: the instance id)."""
+        return self._send(
+            self._calls.stop(
+                instance_id, drain_timeout=drain_timeout, timeout=None, reply=self.reply_to
+            )
+        )
+
+    def _send(self, call: Call) -> str:
+        self._calls.send(call)
+        return call.request_id

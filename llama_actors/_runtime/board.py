@@ -1,0 +1,193 @@
+"""The status board: the runtime's read model of every instance.
+
+Each field has one writer (the instance's BackendActor, or the LeaseBroker for lease
+counts); anyone may read. So ``snapshot()`` and ``instances()`` answer at once from
+any thread, even while every actor is busy, and nobody asks an actor for its state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState, RuntimeSnapshot
+
+__all__ = ["StatusBoard"]
+
+
+class _Row:
+    __slots__ = (
+        "endpoint",
+        "health",
+        "instance_id",
+        "instance_key",
+        "last_error",
+        "lease_count",
+        "log_path",
+        "phase",
+        "pid",
+        "port",
+        "ready_since",
+        "restart_count",
+        "state",
+    )
+
+    def __init__(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
+        self.instance_id = instance_id
+        self.instance_key = instance_key
+        self.state: InstanceState = "starting"
+        self.health: Health = "unknown"
+        self.phase: str | None = "spawning"
+        self.pid: int | None = None
+        self.port: int | None = None
+        self.lease_count = 0
+        self.restart_count = 0
+        self.ready_since: float | None = None
+        self.log_path = log_path
+        self.last_error: str | None = None
+        self.endpoint: EndpointDescriptor | None = None
+
+
+class StatusBoard:
+    """Thread-safe rows of instance state, turned into frozen snapshots on read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, _Row] = {}
+        self._ready: dict[str, str] = {}  # instance_key -> the ready instance of it
+
+    def add(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
+        with self._lock:
+            self._rows[instance_id] = _Row(instance_id, instance_key, log_path)
+
+    def remove(self, instance_id: str) -> None:
+        with self._lock:
+            row = self._rows.pop(instance_id, None)
+            if row is not None and self._ready.get(row.instance_key) == instance_id:
+                del self._ready[row.instance_key]
+
+    # -- writes: one per kind of change, each by the row's one writer ---------------
+
+    def starting(self, instance_id: str, *, pid: int, phase: str) -> None:
+        """A server was spawned for the instance (BackendActor)."""
+        self._write(instance_id, "starting", pid=pid, phase=phase)
+
+    def backing_off(self, instance_id: str, *, restart_count: int, last_error: str) -> None:
+        """The instance waits to restart after a crash (BackendActor)."""
+        self._write(
+            instance_id,
+            "starting",
+            restart_count=restart_count,
+            last_error=last_error,
+            phase="backoff",
+        )
+
+    def ready(
+        self, instance_id: str, *, port: int, pid: int | None, endpoint: EndpointDescriptor
+    ) -> None:
+        """The instance passed readiness and publishes ``endpoint`` (BackendActor)."""
+        self._write(
+            instance_id,
+            "ready",
+            port=port,
+            pid=pid,
+            ready_since=time.monotonic(),
+            endpoint=endpoint,
+            last_error=None,
+        )
+
+    def stopping(self, instance_id: str) -> None:
+        """The instance's server is being stopped (BackendActor)."""
+        self._write(instance_id, "stopping")
+
+    def stopped(self, instance_id: str) -> None:
+        """The instance stopped; it publishes nothing any more (BackendActor)."""
+        self._write(instance_id, "stopped", ready_since=None, endpoint=None)
+
+    def failed(self, instance_id: str, *, last_error: str) -> None:
+        """Supervision gave up on the instance (BackendActor)."""
+        self._write(instance_id, "failed", ready_since=None, endpoint=None, last_error=last_error)
+
+    def set_health(self, instance_id: str, health: Health) -> None:
+        self._write(instance_id, None, health=health)
+
+    def set_phase(self, instance_id: str, phase: str) -> None:
+        self._write(instance_id, None, phase=phase)
+
+    def process_gone(self, instance_id: str) -> None:
+        """The instance's server process exited."""
+        self._write(instance_id, None, pid=None)
+
+    def set_lease_count(self, instance_id: str, count: int) -> None:
+        """The instance's live lease count (LeaseBroker)."""
+        self._write(instance_id, None, lease_count=count)
+
+    def _write(self, instance_id: str, state: InstanceState | None, **fields: object) -> None:
+        with self._lock:
+            row = self._rows.get(instance_id)
+            if row is None:
+                return
+            for name, value in fields.items():
+                setattr(row, name, value)
+            if state is None:
+                return
+            row.state = state
+            if state == "ready":
+                self._ready[row.instance_key] = instance_id
+            elif self._ready.get(row.instance_key) == instance_id:
+                del self._ready[row.instance_key]
+
+    # -- reads ---------------------------------------------------------------------
+
+    def ready_endpoint(self, instance_key: str) -> tuple[str, EndpointDescriptor] | None:
+        """The ready instance of ``instance_key`` and its endpoint, if there is one."""
+        with self._lock:
+            iid = self._ready.get(instance_key)
+            row = self._rows.get(iid) if iid is not None else None
+            if row is None or row.endpoint is None or row.state != "ready":
+                return None
+            return row.instance_id, row.endpoint
+
+    def state(self, instance_id: str) -> InstanceState | None:
+        """The instance's state, or None if there is no such instance."""
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else row.state
+
+    def __contains__(self, instance_id: object) -> bool:
+        with self._lock:
+            return instance_id in self._rows
+
+    def snapshot(self, instance_id: str) -> RuntimeSnapshot | None:
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else self._freeze(row)
+
+    def endpoint(self, instance_id: str) -> EndpointDescriptor | None:
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else row.endpoint
+
+    def all(self) -> list[RuntimeSnapshot]:
+        with self._lock:
+            return [self._freeze(row) for row in self._rows.values()]
+
+    @staticmethod
+    def _freeze(row: _Row) -> RuntimeSnapshot:
+        uptime = None
+        if row.ready_since is not None and row.state == "ready":
+            uptime = round(max(0.0, time.monotonic() - row.ready_since), 3)
+        return RuntimeSnapshot(
+            instance_id=row.instance_id,
+            instance_key=row.instance_key,
+            state=row.state,
+            health=row.health,
+            phase=row.phase if row.state == "starting" else None,
+            pid=row.pid,
+            port=row.port,
+            lease_count=row.lease_count,
+            restart_count=row.restart_count,
+            uptime_s=uptime,
+            log_path=row.log_path,
+            last_error=row.last_error,
+        )

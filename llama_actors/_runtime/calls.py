@@ -1,0 +1,245 @@
+"""Every request of a runtime, built once and sent one way.
+
+As httpx splits building a request from sending it, :class:`Calls` builds each request
+(checked in the caller's thread: spec, consumer, model file, launch plan, TTL) into a
+:class:`Call` and sends it down the one route :func:`route` picks. The three faces of a
+runtime only differ in the reply target they pass and in how they wait for it:
+
+- :class:`~llama_actors.Runtime` passes a ``pykka.ThreadingFuture`` and blocks on it
+  (:meth:`Calls.wait`);
+- :class:`~llama_actors.AsyncRuntime` passes a future that also completes an asyncio
+  future, and awaits that;
+- the actor face (:meth:`Runtime.actor_face`) passes an actor's ref, which is told a
+  :class:`~llama_actors.Replied`, and does not wait at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from llama_actors._exceptions import (
+    InstanceNotFoundError,
+    LlamaActorsError,
+    RuntimeClosedError,
+    WaitTimeoutError,
+)
+from llama_actors._kernel.policy import InstancePolicy
+from llama_actors._llama.boot_spec import BootSpec
+from llama_actors._runtime.board import StatusBoard
+from llama_actors._runtime.context import Context, tell
+from llama_actors._runtime.messages import (
+    CancelRequest,
+    Ensure,
+    GrantLease,
+    Message,
+    ReleaseLease,
+    RenewLease,
+    Resolve,
+    StopRequest,
+)
+from llama_actors._runtime.requests import Consumer, check_ttl, prepare, request_id
+
+__all__ = ["Call", "Calls", "route"]
+
+#: A reply target: a future to set, or an actor to tell a ``Replied``.
+Reply = pykka.Future[Any] | pykka.ActorRef[Any] | None
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One checked request: its message, how long its caller may wait, and what to say
+    when that time passes. ``request_id`` names a resolve or ensure the supervisor
+    must forget (and whose lease it must end) when its caller stops waiting."""
+
+    message: Message
+    reply: Reply
+    timeout: float
+    what: str
+    request_id: str
+    spec: BootSpec | None = None
+
+
+def route(message: Message, ctx: Context) -> tuple[pykka.ActorRef[Any] | None, Message]:
+    """Which actor a request goes to, and as what.
+
+    Renewals and releases go to the LeaseBroker; everything else to the Supervisor,
+    except a resolve whose instance is already ready: that goes straight to the broker
+    as a grant, one hop fewer on the path every warm resolve takes. If the instance is
+    draining or gone by the time the broker sees it, the broker hands the resolve to
+    the supervisor, which finds or starts a fresh one, so the shortcut never changes
+    an answer.
+    """
+    if isinstance(message, RenewLease | ReleaseLease):
+        return ctx.broker, message
+    found = (
+        ctx.board.ready_endpoint(message.spec.instance_key)
+        if isinstance(message, Resolve)
+        else None
+    )
+    if found is not None and isinstance(message, Resolve):
+        iid, endpoint = found
+        return ctx.broker, GrantLease.for_resolve(
+            message, iid, endpoint, reused=True, fallback=message
+        )
+    return ctx.supervisor, message
+
+
+class Calls:
+    """Builds and sends the requests of one runtime; see the module docstring."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        lease_ttl_ms: int,
+        policy: InstancePolicy,
+        ask_timeout: float,
+        closed: Callable[[], bool],
+    ) -> None:
+        self.ctx = ctx
+        self.lease_ttl_ms = lease_ttl_ms
+        self.policy = policy
+        self.ask_timeout = ask_timeout
+        self._closed = closed
+
+    @property
+    def board(self) -> StatusBoard:
+        return self.ctx.board
+
+    # -- building -----------------------------------------------------------------------
+
+    def resolve(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        consumer: Consumer | None,
+        *,
+        owner_ref: str | None,
+        ttl_ms: int | None,
+        policy: InstancePolicy | None,
+        timeout: float,
+        reply: Reply,
+    ) -> Call:
+        self._check_open()
+        ttl = check_ttl(self.lease_ttl_ms if ttl_ms is None else ttl_ms)
+        spec, result, plan = prepare(spec, consumer)
+        rid = request_id()
+        message = Resolve(
+            request_id=rid,
+            spec=spec,
+            plan=plan,
+            compatibility=result,
+            owner_ref=owner_ref,
+            ttl_ms=ttl,
+            policy=policy or self.policy,
+            reply=reply,
+        )
+        return Call(message, reply, timeout, f"an endpoint for {spec.alias}", rid, spec)
+
+    def ensure(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        *,
+        policy: InstancePolicy | None,
+        timeout: float,
+        reply: Reply,
+    ) -> Call:
+        self._check_open()
+        spec, _, plan = prepare(spec, None)
+        rid = request_id()
+        message = Ensure(
+            request_id=rid, spec=spec, plan=plan, policy=policy or self.policy, reply=reply
+        )
+        return Call(message, reply, timeout, f"instance {spec.alias}", rid, spec)
+
+    def renew(self, lease_ref: str, ttl_ms: int | None, reply: Reply) -> Call:
+        self._check_open()
+        if ttl_ms is not None:
+            check_ttl(ttl_ms)
+        message = RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=reply)
+        return Call(message, reply, self.ask_timeout, f"renewing {lease_ref}", lease_ref)
+
+    def release(self, lease_ref: str, reply: Reply) -> Call | None:
+        """None when the runtime is closed: every lease has ended then."""
+        if self._closed():
+            return None
+        message = ReleaseLease(lease_ref=lease_ref, reply=reply)
+        return Call(message, reply, self.ask_timeout, f"releasing {lease_ref}", lease_ref)
+
+    def stop(
+        self,
+        instance_id: str,
+        *,
+        drain_timeout: float | None,
+        timeout: float | None,
+        reply: Reply,
+    ) -> Call:
+        self._check_open()
+        if instance_id not in self.ctx.board:
+            raise InstanceNotFoundError(
+                f"no instance {instance_id!r} in this runtime; see Runtime.instances()",
+                instance_id=instance_id,
+            )
+        message = StopRequest(
+            instance_id=instance_id,
+            reason="stop_instance()",
+            drain_timeout_s=drain_timeout,
+            reply=reply,
+        )
+        if timeout is None:
+            drain = self.policy.drain_timeout_s if drain_timeout is None else drain_timeout
+            timeout = drain + 30.0
+        return Call(message, reply, timeout, f"stopping {instance_id}", instance_id)
+
+    # -- sending and waiting --------------------------------------------------------------
+
+    def send(self, call: Call) -> None:
+        """Send ``call`` down its route (:func:`route`)."""
+        target, message = route(call.message, self.ctx)
+        if not tell(target, message):
+            raise RuntimeClosedError("this Runtime's actors have stopped; create a new Runtime")
+
+    def wait(self, call: Call) -> Any:
+        """Send ``call`` and block this thread on its future, up to its timeout."""
+        future = call.reply
+        if not isinstance(future, pykka.Future):
+            raise TypeError("Calls.wait needs a call whose reply is a future")
+        self.send(call)
+        try:
+            return future.get(timeout=call.timeout)
+        except pykka.Timeout:
+            raise self.timed_out(call) from None
+        except LlamaActorsError as exc:
+            # Raised again from here, so the traceback ends in the caller's frame.
+            raise exc.with_traceback(None) from None
+
+    def abandon(self, call: Call) -> None:
+        """The caller stopped waiting: the supervisor forgets the request, and a lease
+        granted for it in the meantime is released, so none leaks."""
+        if isinstance(call.message, Resolve | Ensure):
+            tell(self.ctx.supervisor, CancelRequest(request_id=call.request_id))
+
+    def timed_out(self, call: Call) -> WaitTimeoutError:
+        """Abandon ``call`` and say what timed out (raise what this returns)."""
+        self.abandon(call)
+        return WaitTimeoutError(
+            f"no answer for {call.what} within {call.timeout:g}s{self._describe(call.spec)}"
+        )
+
+    def _describe(self, spec: BootSpec | None) -> str:
+        if spec is None:
+            return ""
+        for snap in self.ctx.board.all():
+            if snap.instance_key == spec.instance_key and snap.state in ("starting", "ready"):
+                return (
+                    f"; instance {snap.instance_id} is {snap.state} and keeps going for other "
+                    f"callers (log: {snap.log_path})"
+                )
+        return ""
+
+    def _check_open(self) -> None:
+        if self._closed():
+            raise RuntimeClosedError("this Runtime is closed; create a new one")

@@ -1,0 +1,277 @@
+"""Every message between the runtime's actors: frozen, tagged msgspec Structs.
+
+Actors dispatch on them with ``match``. A request that needs an answer carries a
+``reply`` target: a ``pykka.Future`` (the synchronous facade waits on it with a
+timeout) or a ``pykka.ActorRef`` (told a :class:`Replied`), so no actor ever blocks
+on another. Fields typed ``Any`` hold live objects (futures, exit reports, errors).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from llama_actors._kernel.manifest import CompatibilityResult
+from llama_actors._kernel.policy import InstancePolicy
+from llama_actors._kernel.types import EndpointDescriptor, Health
+from llama_actors._llama.boot_spec import BootSpec
+from llama_actors._process.plan import LaunchPlan
+
+__all__ = [
+    "Boot",
+    "CancelGrant",
+    "CancelRequest",
+    "Close",
+    "DrainDeadline",
+    "DrainInstance",
+    "Drained",
+    "Ensure",
+    "ExpireTick",
+    "GrantLease",
+    "HealthReport",
+    "IdleCheck",
+    "IdleExpired",
+    "InstanceFailed",
+    "InstanceGone",
+    "InstanceReady",
+    "InstanceStopped",
+    "KillDeadline",
+    "Message",
+    "Pause",
+    "PortKnown",
+    "ProbeTick",
+    "ProcessExited",
+    "ReadinessTick",
+    "ReleaseLease",
+    "RenewLease",
+    "Replied",
+    "Resolve",
+    "Respawn",
+    "StopInstance",
+    "StopRequest",
+    "TrackInstance",
+    "Watch",
+    "WedgeCheck",
+]
+
+
+class Message(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Base of every actor message (tagged with its class name)."""
+
+
+class Replied(Message, frozen=True, tag=True, kw_only=True):
+    """The answer to a request whose ``reply`` was an actor: a value or an error."""
+
+    request_id: str
+    value: Any = None
+    error: Any = None
+
+
+# -- to the Supervisor -----------------------------------------------------------------
+
+
+class Resolve(Message, frozen=True, tag=True, kw_only=True):
+    request_id: str
+    spec: BootSpec
+    plan: LaunchPlan
+    compatibility: CompatibilityResult
+    owner_ref: str | None
+    ttl_ms: int
+    policy: InstancePolicy
+    reply: Any
+
+
+class Ensure(Message, frozen=True, tag=True, kw_only=True):
+    request_id: str
+    spec: BootSpec
+    plan: LaunchPlan
+    policy: InstancePolicy
+    reply: Any
+
+
+class CancelRequest(Message, frozen=True, tag=True, kw_only=True):
+    """The caller of ``request_id`` gave up waiting: drop it, or release its lease."""
+
+    request_id: str
+
+
+class StopRequest(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+    reason: str
+    drain_timeout_s: float | None
+    reply: Any
+
+
+class Close(Message, frozen=True, tag=True, kw_only=True):
+    reply: Any
+
+
+class InstanceReady(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+    endpoint: EndpointDescriptor
+
+
+class InstanceFailed(Message, frozen=True, tag=True, kw_only=True):
+    """The instance gave up for good; ``error`` goes to everyone waiting on it."""
+
+    instance_id: str
+    error: Any
+
+
+class InstanceStopped(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+
+
+class Drained(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+
+
+class IdleExpired(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+
+
+# -- to a BackendActor -------------------------------------------------------------------
+
+
+class Boot(Message, frozen=True, tag=True, kw_only=True):
+    pass
+
+
+class ReadinessTick(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+
+
+class PortKnown(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+
+
+class ProcessExited(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+    exit: Any
+
+
+class HealthReport(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+    new: Health
+    reason: str
+
+
+class WedgeCheck(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+    token: int
+
+
+class Respawn(Message, frozen=True, tag=True, kw_only=True):
+    token: int
+
+
+class StopInstance(Message, frozen=True, tag=True, kw_only=True):
+    reason: str
+
+
+class KillDeadline(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+
+
+# -- to a HealthPoller -------------------------------------------------------------------
+
+
+class Watch(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+    port: int
+
+
+class Pause(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+
+
+class ProbeTick(Message, frozen=True, tag=True, kw_only=True):
+    generation: int
+
+
+# -- to the LeaseBroker ------------------------------------------------------------------
+
+
+class TrackInstance(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+    idle_shutdown_s: float | None
+
+
+class GrantLease(Message, frozen=True, tag=True, kw_only=True):
+    """Lease ``instance_id`` to the caller. ``fallback`` is the caller's own Resolve when
+    it came straight from the caller: if the instance takes no new leases by now, the
+    broker hands that to the supervisor instead of failing it."""
+
+    request_id: str
+    instance_id: str
+    endpoint: EndpointDescriptor
+    compatibility: CompatibilityResult
+    owner_ref: str | None
+    ttl_ms: int
+    reused: bool
+    reply: Any
+    fallback: Any = None
+
+    @classmethod
+    def for_resolve(
+        cls,
+        msg: Resolve,
+        instance_id: str,
+        endpoint: EndpointDescriptor,
+        *,
+        reused: bool,
+        fallback: Resolve | None = None,
+    ) -> GrantLease:
+        """The grant that answers ``msg`` with a lease on ``instance_id``."""
+        return cls(
+            request_id=msg.request_id,
+            instance_id=instance_id,
+            endpoint=endpoint,
+            compatibility=msg.compatibility,
+            owner_ref=msg.owner_ref,
+            ttl_ms=msg.ttl_ms,
+            reused=reused,
+            reply=msg.reply,
+            fallback=fallback,
+        )
+
+
+class RenewLease(Message, frozen=True, tag=True, kw_only=True):
+    lease_ref: str
+    ttl_ms: int | None
+    reply: Any
+
+
+class ReleaseLease(Message, frozen=True, tag=True, kw_only=True):
+    lease_ref: str
+    reply: Any
+
+
+class CancelGrant(Message, frozen=True, tag=True, kw_only=True):
+    request_id: str
+
+
+class ExpireTick(Message, frozen=True, tag=True, kw_only=True):
+    pass
+
+
+class IdleCheck(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+    token: int
+
+
+class DrainInstance(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+    timeout_s: float
+    reason: str
+
+
+class DrainDeadline(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+    token: int
+
+
+class InstanceGone(Message, frozen=True, tag=True, kw_only=True):
+    instance_id: str
+    reason: str

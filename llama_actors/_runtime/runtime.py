@@ -1,0 +1,362 @@
+"""Runtime: the public entry point. It starts the actors, hands out leased endpoints,
+and closing it stops every instance it started and joins every actor thread.
+
+Every call here is synchronous and bounded by a timeout. The same requests, built and
+sent the same way (see ``calls.py``), are awaitable through
+:class:`~llama_actors.AsyncRuntime` and answer to an actor through
+:meth:`Runtime.actor_face`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import random
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from llama_actors._base.clock import Scheduler, Timers
+from llama_actors._base.state import default_state_dir
+from llama_actors._exceptions import (
+    InstanceFailedError,
+    InstanceNotFoundError,
+    NotReadyError,
+    WaitTimeoutError,
+)
+from llama_actors._kernel.policy import InstancePolicy
+from llama_actors._kernel.probe_client import ProbeClient
+from llama_actors._kernel.types import (
+    EndpointDescriptor,
+    Lease,
+    Resolution,
+    RuntimeSnapshot,
+    RuntimeStatistics,
+)
+from llama_actors._llama.boot_spec import BootSpec
+from llama_actors._runtime.actor_face import ActorFace
+from llama_actors._runtime.board import StatusBoard
+from llama_actors._runtime.broker import LeaseBroker
+from llama_actors._runtime.calls import Calls
+from llama_actors._runtime.context import Context, tell
+from llama_actors._runtime.messages import (
+    Close,
+)
+from llama_actors._runtime.requests import Consumer, check_ttl
+from llama_actors._runtime.signals import health_changed, instance_failed, instance_stopped
+from llama_actors._runtime.supervisor import Supervisor
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("llama_actors.runtime")
+
+DEFAULT_LEASE_TTL_MS = 60_000
+DEFAULT_RESOLVE_TIMEOUT = 120.0
+DEFAULT_ASK_TIMEOUT = 10.0
+_open: weakref.WeakSet[Runtime] = weakref.WeakSet()
+#: The signals that can change the answer of wait_healthy().
+HEALTH_SIGNALS = (health_changed, instance_failed, instance_stopped)
+
+
+class Runtime:
+    """Supervised llama-server instances behind leased endpoints.
+
+    ``policy`` is the default :class:`InstancePolicy` (a resolve may pass its own for a
+    new instance); ``lease_ttl_ms`` the default lease TTL; ``timers`` replaces the real
+    clock and scheduler (tests); ``state_dir`` holds the server ledger and logs.
+    """
+
+    def __init__(
+        self,
+        *,
+        state_dir: str | Path | None = None,
+        policy: InstancePolicy | None = None,
+        lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
+        ask_timeout: float = DEFAULT_ASK_TIMEOUT,
+        timers: Timers | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        check_ttl(lease_ttl_ms)
+        self.policy = policy or InstancePolicy()
+        self.lease_ttl_ms = lease_ttl_ms
+        self.ask_timeout = ask_timeout
+        self._scheduler = Scheduler() if timers is None else None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        # Probes go straight to the servers (never through a proxy), each with its own
+        # timeout; see _probe_client for why not httpx.
+        client = ProbeClient()
+        self._ctx = Context(
+            timers=timers or self._scheduler,  # type: ignore[arg-type]
+            board=StatusBoard(),
+            client=client,
+            state_dir=Path(state_dir) if state_dir is not None else default_state_dir(),
+            rng=rng or random.Random(),  # noqa: S311 - backoff jitter
+            policy=self.policy,
+            lease_ttl_ms=lease_ttl_ms,
+        )
+        self._ctx.broker = LeaseBroker.start(context=self._ctx)
+        self._ctx.supervisor = Supervisor.start(context=self._ctx)
+        self._calls = Calls(
+            self._ctx,
+            lease_ttl_ms=lease_ttl_ms,
+            policy=self.policy,
+            ask_timeout=ask_timeout,
+            closed=lambda: self._closed,
+        )
+        _open.add(self)
+
+    # -- context manager --------------------------------------------------------------
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._ctx.board.all())} instances"
+        return f"<Runtime {state} state_dir={str(self._ctx.state_dir)!r}>"
+
+    @property
+    def state_dir(self) -> Path:
+        """The folder holding this runtime's server ledger and per-instance logs."""
+        return self._ctx.state_dir
+
+    # -- resolving ----------------------------------------------------------------------
+
+    def resolve_endpoint(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        policy: InstancePolicy | None = None,
+        timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> Resolution:
+        """Check compatibility, spawn or reuse the instance for ``spec``, wait until it
+        is ready, and lease its endpoint to ``owner_ref`` for ``ttl_ms``.
+
+        Concurrent callers with the same identity share one spawn and one readiness
+        wait. Raises :class:`IncompatibleError` before anything is spawned,
+        :class:`ServerExitedError` or :class:`ReadinessTimeoutError` when the server
+        cannot come up, and :class:`WaitTimeoutError` when ``timeout`` passes (the
+        instance keeps starting for others; nothing is leased to this caller).
+        """
+        call = self._calls.resolve(
+            spec,
+            consumer,
+            owner_ref=owner_ref,
+            ttl_ms=ttl_ms,
+            policy=policy,
+            timeout=timeout,
+            reply=pykka.ThreadingFuture(),
+        )
+        resolution: Resolution = self._calls.wait(call)
+        return resolution
+
+    def ensure_instance(
+        self,
+        spec: BootSpec | Mapping[str, Any],
+        *,
+        policy: InstancePolicy | None = None,
+        timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> RuntimeSnapshot:
+        """Spawn or reuse the instance for ``spec`` and wait until it is ready, without
+        taking a lease. Returns its snapshot."""
+        call = self._calls.ensure(
+            spec, policy=policy, timeout=timeout, reply=pykka.ThreadingFuture()
+        )
+        snapshot: RuntimeSnapshot = self._calls.wait(call)
+        return snapshot
+
+    # -- leases -------------------------------------------------------------------------
+
+    def renew(self, lease_ref: str, ttl_ms: int | None = None) -> Lease:
+        """Extend a live lease to now + ``ttl_ms`` (its own TTL by default).
+
+        Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone.
+        """
+        lease: Lease = self._calls.wait(
+            self._calls.renew(lease_ref, ttl_ms, pykka.ThreadingFuture())
+        )
+        return lease
+
+    def release(self, lease_ref: str) -> bool:
+        """End a lease. Idempotent: True if it was live, False if it had already ended."""
+        call = self._calls.release(lease_ref, pykka.ThreadingFuture())
+        if call is None:
+            return False
+        released: bool = self._calls.wait(call)
+        return released
+
+    # -- looking ------------------------------------------------------------------------
+
+    def snapshot(self, instance_id: str) -> RuntimeSnapshot:
+        """A frozen picture of one instance; answers at once from any thread."""
+        snap = self._ctx.board.snapshot(instance_id)
+        if snap is None:
+            raise InstanceNotFoundError(
+                f"no instance {instance_id!r} in this runtime; see Runtime.instances()",
+                instance_id=instance_id,
+            )
+        return snap
+
+    def instances(self) -> list[RuntimeSnapshot]:
+        """Snapshots of every instance this runtime started, stopped and failed ones too."""
+        return self._ctx.board.all()
+
+    def statistics(self) -> RuntimeStatistics:
+        """Counts of instances by state and health, live leases and restarts, at once."""
+        snaps = self._ctx.board.all()
+        return RuntimeStatistics(
+            instances=len(snaps),
+            states=dict(Counter(s.state for s in snaps)),
+            health=dict(Counter(s.health for s in snaps)),
+            leases=sum(s.lease_count for s in snaps),
+            restarts=sum(s.restart_count for s in snaps),
+        )
+
+    def published_endpoint(self, instance_id: str) -> EndpointDescriptor:
+        """The published (lease-less) endpoint of a ready instance."""
+        snap = self.snapshot(instance_id)
+        endpoint = self._ctx.board.endpoint(instance_id)
+        if endpoint is None or snap.state != "ready":
+            raise NotReadyError(
+                f"instance {instance_id} is {snap.state}, so it publishes no endpoint; "
+                "wait for it with wait_healthy() or resolve_endpoint()",
+                instance_id=instance_id,
+            )
+        return endpoint
+
+    def wait_healthy(self, instance_id: str, timeout: float) -> RuntimeSnapshot:
+        """Wait until the instance is ready and healthy; returns its snapshot.
+
+        Raises :class:`InstanceFailedError` if it fails or stops first and
+        :class:`WaitTimeoutError` when ``timeout`` passes.
+        """
+        changed = threading.Event()
+
+        def wake(_sender: object, **_: object) -> None:
+            changed.set()
+
+        for signal in HEALTH_SIGNALS:
+            signal.connect(wake, sender=instance_id, weak=False)
+        try:
+            deadline = _now() + timeout
+            while True:
+                changed.clear()
+                snap = self.snapshot(instance_id)
+                if healthy_or_raise(snap, timeout, deadline - _now()):
+                    return snap
+                changed.wait(deadline - _now())
+        finally:
+            # No sender here: blinker's disconnect(fn, sender=...) keeps fn connected
+            # (and strongly held) with no sender, so each wait would leak a receiver.
+            for signal in HEALTH_SIGNALS:
+                signal.disconnect(wake)
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def stop_instance(
+        self, instance_id: str, *, drain_timeout: float | None = None, timeout: float | None = None
+    ) -> RuntimeSnapshot:
+        """Stop an instance: no new leases, holders are told (``instance_draining``) and
+        given ``drain_timeout`` seconds (the policy's ``drain_timeout_ms`` by default)
+        to release, then SIGTERM, then SIGKILL after the spec's ``stop_timeout_ms``.
+        Idempotent; returns the final snapshot."""
+        call = self._calls.stop(
+            instance_id,
+            drain_timeout=drain_timeout,
+            timeout=timeout,
+            reply=pykka.ThreadingFuture(),
+        )
+        result: RuntimeSnapshot = self._calls.wait(call)
+        return result
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop every instance (no drain), stop the actors and join their threads.
+
+        Idempotent. Servers that ignore SIGTERM are killed after their ``stop_timeout_ms``.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        _open.discard(self)
+        future: pykka.ThreadingFuture[None] = pykka.ThreadingFuture()
+        try:
+            if tell(self._ctx.supervisor, Close(reply=future)):
+                future.get(timeout=timeout)
+        except pykka.Timeout:
+            log.error("runtime close: instances did not stop within %gs; killing them", timeout)
+        finally:
+            self._shutdown_actors(timeout)
+
+    def _shutdown_actors(self, timeout: float) -> None:
+        for ref in (self._ctx.supervisor, self._ctx.broker):
+            if ref is not None:
+                with contextlib.suppress(pykka.Timeout, pykka.ActorDeadError):
+                    ref.stop(block=True, timeout=timeout)
+        joined: set[threading.Thread] = set()
+        while True:  # actors stopping may have started others: join until none is new
+            with self._ctx.threads_lock:
+                threads = [t for t in self._ctx.threads if t not in joined]
+            if not threads:
+                break
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join(timeout)
+                joined.add(thread)
+        if self._scheduler is not None:
+            self._scheduler.close()
+        self._ctx.client.close()
+
+    # -- the other faces -----------------------------------------------------------------
+
+    def actor_face(self, reply_to: pykka.ActorRef[Any]) -> ActorFace:
+        """This runtime for code that lives in a pykka actor: each call checks its
+        input and sends its request in your thread, returns the request id at once, and
+        the answer is told to ``reply_to`` as a :class:`~llama_actors.Replied` with that
+        id. Nothing waits, so an actor never blocks on the runtime."""
+        return ActorFace(self._calls, reply_to)
+
+
+def healthy_or_raise(snap: RuntimeSnapshot, timeout: float, remaining: float) -> bool:
+    """One step of wait_healthy(): True once ``snap`` is ready and healthy,
+    :class:`InstanceFailedError` once it failed or stopped, :class:`WaitTimeoutError`
+    when no time is ``remaining``, else False (wait for the next signal)."""
+    if snap.state == "ready" and snap.health == "healthy":
+        return True
+    if snap.state in ("failed", "stopped"):
+        raise InstanceFailedError(
+            f"instance {snap.instance_id} is {snap.state}"
+            f"{': ' + snap.last_error if snap.last_error else ''}",
+            instance_id=snap.instance_id,
+            reason=snap.last_error or snap.state,
+        )
+    if remaining <= 0:
+        raise WaitTimeoutError(
+            f"instance {snap.instance_id} is not healthy after {timeout:g}s "
+            f"(state {snap.state}, health {snap.health}); it keeps running"
+        )
+    return False
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+@atexit.register
+def close_open_runtimes() -> None:
+    """Close every Runtime of this process that is still open (at interpreter exit)."""
+    for runtime in list(_open):
+        runtime.close(timeout=10.0)
