@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
-from llama_actors import BootSpec, boot_spec, render_command
-from llama_actors.testing.fake import fake_plan
+from llama_actors import BootSpec, boot_spec
+from llama_actors.lowlevel import render_command
+from llama_actors.testing.fake import fake_boot_spec
 
 __all__ = [
     "Router",
@@ -63,7 +64,7 @@ def server_spec(kind: str, folder: Path, **fields: Any) -> BootSpec:
         }
         mapping.update(fields)
         return boot_spec(mapping)
-    return fake_plan(folder, **fields).spec
+    return fake_boot_spec(folder, **fields)
 
 
 def free_port() -> int:

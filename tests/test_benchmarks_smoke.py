@@ -45,7 +45,17 @@ def run_benchmarks(tmp_path: Path, *args: str, timeout: float) -> dict[str, obje
     assert {r["benchmark"] for r in results} == set(BENCHMARKS)  # type: ignore[attr-defined]
     for key in ("date", "cores", "memory_gb", "cpu_model", "llama_server", "model"):
         assert document["meta"][key], key  # type: ignore[index]
-    assert "| benchmark | metric | value | spread | baseline | ratio | target | met? |" in table
+    header = "| benchmark | metric | value [95 % CI] | spread | baseline | ratio [95 % CI] |"
+    assert header + " target | verdict |" in table
+    for result in results:  # type: ignore[attr-defined]
+        for key in ("value", "interval", "ratio", "ratio_interval", "rounds", "verdict"):
+            assert key in result, (result["metric"], key)
+        if result["target"] is not None and result["samples"]:
+            assert result["verdict"] in ("met", "missed", "inconclusive"), result["metric"]
+    metrics = {r["metric"] for r in results}  # type: ignore[attr-defined]
+    assert any("very first run, cold probe cache" in m for m in metrics)
+    assert any("pre-validated BootSpec" in m for m in metrics)
+    assert any("plain mapping" in m for m in metrics)
     for name in BENCHMARKS:
         assert f"| {name} |" in table
     assert table in done.stdout  # the table is printed too
