@@ -6,7 +6,7 @@ seam, the binary probe, rendering, the scheduler, the actors themselves) is in
 :mod:`llama_actors.lowlevel`, for tools and tests that need it.
 """
 
-from llama_actors import signals
+from llama_actors import lowlevel, signals
 from llama_actors._cli.config import Config, load_config, parse_config
 from llama_actors._exceptions import (
     BinaryError,
@@ -110,6 +110,7 @@ __all__ = [
     "boot_spec",
     "compatibility",
     "load_config",
+    "lowlevel",
     "parse_config",
     "signal_stream",
     "signals",

@@ -1,4 +1,6 @@
-"""Every Python block in README.md and guides/ runs, and so does every example."""
+"""Every Python block in README.md and guides/ runs and prints what the doc shows, and
+every example runs. The conventions for the docs' blocks are in tests/_doc_blocks.py and,
+for readers, in guides/testing.md."""
 
 from __future__ import annotations
 
@@ -15,31 +17,124 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ._doc_blocks import (
+    PythonBlock,
+    check_block,
+    check_compiles,
+    check_runs_something,
+    python_blocks,
+    shows,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "guides").glob("*.md"))]
-BLOCKS = [
-    pytest.param(block, id=f"{doc.name}-{i}")
-    for doc in DOCS
-    for i, block in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(), re.S))
-]
+PARSED = [python_blocks(doc.read_text(), str(doc.relative_to(ROOT))) for doc in DOCS]
+BLOCKS = [block for blocks, _problems in PARSED for block in blocks]
+PROBLEMS = [problem for _blocks, problems in PARSED for problem in problems]
+
+
+def _param(block: PythonBlock) -> Any:
+    return pytest.param(block, id=block.where.rsplit("/", 1)[-1])
 
 
 @pytest.mark.real_server
-@pytest.mark.parametrize("block", BLOCKS)
-def test_a_python_block_in_the_docs_runs(block: str, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", block],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("block", [_param(b) for b in BLOCKS if not b.fragment])
+def test_a_python_block_in_the_docs_runs_and_prints_what_the_doc_shows(
+    block: PythonBlock, tmp_path: Path
+) -> None:
+    check_block(block, tmp_path)
+
+
+@pytest.mark.parametrize("block", [_param(b) for b in BLOCKS if b.fragment])
+def test_a_fragment_in_the_docs_compiles(block: PythonBlock) -> None:
+    check_compiles(block)
+
+
+def test_every_python_block_in_the_docs_runs_something_or_is_marked_a_fragment() -> None:
+    failures = []
+    for block in (b for b in BLOCKS if not b.fragment):
+        try:
+            check_runs_something(block)
+        except AssertionError as exc:
+            failures.append(str(exc))
+    assert failures == []
+
+
+def test_the_docs_blocks_follow_the_conventions() -> None:
+    assert PROBLEMS == []
+
+
+def test_the_docs_have_python_blocks_to_run_and_output_to_compare() -> None:
+    assert len([b for b in BLOCKS if not b.fragment]) >= 3
+    assert len([b for b in BLOCKS if b.output is not None]) >= 3
+
+
+def _doc(text: str) -> PythonBlock:
+    """The one python block of a small Markdown text, as the tests above parse the docs."""
+    (block,), problems = python_blocks(text, "example.md")
+    assert problems == []
+    return block
+
+
+def test_a_doc_block_whose_shown_output_differs_from_what_it_prints_fails(
+    tmp_path: Path,
+) -> None:
+    block = _doc('```python\nprint("ready", 3)\n```\n\n```text output\nready 4\n```\n')
+    with pytest.raises(AssertionError, match=r"example\.md:1: the doc shows\nready 4\n"):
+        check_block(block, tmp_path)
+
+
+def test_a_doc_block_whose_output_matches_up_to_whitespace_and_ellipses_passes(
+    tmp_path: Path,
+) -> None:
+    code = 'import os\nprint("pid", os.getpid(), "ready")\nprint(["a",  "b"])\n'
+    block = _doc(f"```python\n{code}```\n\n```text output\npid ... ready ['a', 'b']\n```\n")
+    check_block(block, tmp_path)
+    assert shows("pid ... ready", "pid 12\n  ready\n")
+    assert not shows("pid ... ready", "pid 12 ready!")
+    assert not shows("ready", "")
+
+
+def test_a_doc_block_that_runs_nothing_and_is_not_marked_a_fragment_fails(
+    tmp_path: Path,
+) -> None:
+    only_definitions = "import os\n\nLIMIT = 3\n\n\ndef cwd():\n    return os.getcwd()\n"
+    never_called = "def hello():\n    print('hi')\n\n\nprint('defined')\n"
+    for code, why in [
+        (only_definitions, "no top-level statement calls anything"),
+        (never_called, "hello is defined and never used"),
+    ]:
+        with pytest.raises(AssertionError, match=rf"example\.md:1: the block runs nothing \({why}"):
+            check_block(_doc(f"```python\n{code}```\n"), tmp_path)
+        check_block(_doc(f"```python fragment\n{code}```\n"), tmp_path)  # marked: compiled
+    check_block(_doc(f"```python\n{never_called}hello()\n```\n"), tmp_path)
+
+
+def test_a_fragment_with_a_syntax_error_fails(tmp_path: Path) -> None:
+    block = _doc("```python fragment\ndef broken(:\n    pass\n```\n")
+    with pytest.raises(AssertionError, match=r"example\.md:1: the fragment does not compile"):
+        check_block(block, tmp_path)
+
+
+def test_a_misplaced_output_block_or_a_misspelt_mark_breaks_the_conventions() -> None:
+    for text in [
+        "Some prose.\n\n```text output\nhi\n```\n",
+        '```python\nprint("hi")\n```\n\nIt prints:\n\n```text output\nhi\n```\n',
+        '```python fragment\nprint("hi")\n```\n\n```text output\nhi\n```\n',
+        '```python fragmnet\nprint("hi")\n```\n',
+    ]:
+        _blocks, problems = python_blocks(text, "example.md")
+        assert len(problems) == 1, text
+
+
+def test_a_doc_block_that_leaves_a_process_running_fails(tmp_path: Path) -> None:
+    code = (
+        "import subprocess\nimport sys\n\n"
+        'subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])\n'
     )
-    assert done.returncode == 0, done.stderr
-
-
-def test_the_docs_have_python_blocks_to_run() -> None:
-    assert len(BLOCKS) >= 3
+    with pytest.raises(AssertionError, match=r"example\.md:1: the block left processes running"):
+        check_block(_doc(f"```python\n{code}```\n"), tmp_path, grace=0.2)
 
 
 @pytest.mark.real_server
@@ -318,3 +413,10 @@ def test_the_asyncio_service_example_starts_the_fake_model_on_its_first_question
 @pytest.mark.timeout(200)
 def test_the_asyncio_service_example_starts_the_real_model_on_its_first_question() -> None:
     _run_asyncio_service()
+
+
+def test_every_example_script_is_run_by_a_test_here() -> None:
+    source = Path(__file__).read_text()
+    scripts = sorted(path.name for path in (ROOT / "examples").glob("*.py"))
+    assert scripts
+    assert [name for name in scripts if f'"{name}"' not in source] == []

@@ -24,7 +24,7 @@ PUBLIC = {
     "ConsumerManifest", "EndpointDescriptor", "Health", "InstancePolicy", "InstanceState",
     "Lease", "Replied", "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot",
     "RuntimeStatistics", "SignalEvent", "SignalStream", "boot_spec", "compatibility",
-    "load_config", "parse_config", "signal_stream", "signals",
+    "load_config", "lowlevel", "parse_config", "signal_stream", "signals",
 }  # fmt: skip
 #: The plumbing, documented in llama_actors.lowlevel.
 LOWLEVEL = {

@@ -2,7 +2,8 @@
 
 ``start_fake(folder, behaviour={...})`` renders a boot spec for the fake, starts it
 with :class:`~llama_actors.lowlevel.ServerProcess`, waits until it listens and returns a
-:class:`FakeLlama` whose behaviour a test can change while it runs (``fake.set(health="degraded")``).
+:class:`FakeLlama` whose behaviour a test can change while it runs
+(``fake.set(health="degraded")``).
 The pytest plugin wraps it as the ``fake_llama`` fixture.
 """
 
