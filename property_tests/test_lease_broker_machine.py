@@ -189,6 +189,8 @@ class Harness:
 
     def track(self, instance_id: str, idle_shutdown_ms: int | None) -> None:
         self.board.add(instance_id, f"key-{instance_id}", None)
+        # The broker grants only on a ready instance, as the backend would have made it.
+        self.board.ready(instance_id, port=8080, pid=None, endpoint=endpoint(instance_id))
         idle_s = None if idle_shutdown_ms is None else idle_shutdown_ms / 1000
         self.broker.tell(TrackInstance(instance_id=instance_id, idle_shutdown_s=idle_s))
 

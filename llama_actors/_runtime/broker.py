@@ -130,9 +130,14 @@ class LeaseBroker(RuntimeActor):
         if self._cancelled.pop(msg.request_id, "") is None:
             return
         try:
-            if msg.instance_id not in self.ctx.board:
+            state = self.ctx.board.state(msg.instance_id)
+            if state is None:
                 raise InstanceNotFoundError(
                     f"no instance {msg.instance_id} in this runtime", instance_id=msg.instance_id
+                )
+            if state != "ready":  # it crashed or began to stop since the grant was asked
+                raise NotReadyError(
+                    f"instance {msg.instance_id} is {state}", instance_id=msg.instance_id
                 )
             lease = self.table.grant(msg.instance_id, msg.owner_ref, msg.ttl_ms)
         except LlamaActorsError as exc:

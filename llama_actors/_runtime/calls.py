@@ -69,9 +69,9 @@ def route(message: Message, ctx: Context) -> tuple[pykka.ActorRef[Any] | None, M
     Renewals and releases go to the LeaseBroker; everything else to the Supervisor,
     except a resolve whose instance is already ready: that goes straight to the broker
     as a grant, one hop fewer on the path every warm resolve takes. If the instance is
-    draining or gone by the time the broker sees it, the broker hands the resolve to
-    the supervisor, which finds or starts a fresh one, so the shortcut never changes
-    an answer.
+    not ready by the time the broker sees it (restarting, draining or gone), the broker
+    hands the resolve to the supervisor, which parks it until the instance is ready
+    again or starts a fresh one, so the shortcut never changes an answer.
     """
     if isinstance(message, RenewLease | ReleaseLease):
         return ctx.broker, message
@@ -82,9 +82,7 @@ def route(message: Message, ctx: Context) -> tuple[pykka.ActorRef[Any] | None, M
     )
     if found is not None and isinstance(message, Resolve):
         iid, endpoint = found
-        return ctx.broker, GrantLease.for_resolve(
-            message, iid, endpoint, reused=True, fallback=message
-        )
+        return ctx.broker, GrantLease.for_resolve(message, iid, endpoint, reused=True)
     return ctx.supervisor, message
 
 

@@ -199,9 +199,11 @@ class TrackInstance(Message, frozen=True, tag=True, kw_only=True):
 
 
 class GrantLease(Message, frozen=True, tag=True, kw_only=True):
-    """Lease ``instance_id`` to the caller. ``fallback`` is the caller's own Resolve when
-    it came straight from the caller: if the instance takes no new leases by now, the
-    broker hands that to the supervisor instead of failing it."""
+    """Lease ``instance_id`` to the caller. ``fallback`` is the caller's own Resolve: if
+    the instance is not ready by the time the broker sees this (restarting after a
+    crash, draining, gone), the broker hands that to the supervisor, which parks it
+    until the instance is ready again or starts a fresh one, instead of granting a
+    lease on an instance that cannot serve it."""
 
     request_id: str
     instance_id: str
@@ -221,7 +223,6 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
         endpoint: EndpointDescriptor,
         *,
         reused: bool,
-        fallback: Resolve | None = None,
     ) -> GrantLease:
         """The grant that answers ``msg`` with a lease on ``instance_id``."""
         return cls(
@@ -233,7 +234,7 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
             ttl_ms=msg.ttl_ms,
             reused=reused,
             reply=msg.reply,
-            fallback=fallback,
+            fallback=msg,
         )
 
 
