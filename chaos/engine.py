@@ -59,7 +59,7 @@ from llama_actors import (
     WaitTimeoutError,
 )
 from llama_actors.signals import instance_starting
-from llama_actors.testing.fake import fake_plan
+from llama_actors.testing.fake import fake_boot_spec
 from llama_actors.testing.fake_server import write_control
 
 from .invariants import InvariantRecorder
@@ -158,6 +158,7 @@ class Summary:
     snapshot_p99_s: float = 0.0
     servers_spawned: int = 0
     left_behind: list[str] = field(default_factory=list)
+    logged_errors: list[str] = field(default_factory=list)
     lost: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
 
@@ -195,6 +196,8 @@ class Summary:
             f"ports: {self.port_moves} restarts came up on a new port (their old one was taken)",
             f"processes: {self.servers_spawned} servers spawned, "
             f"{len(self.left_behind)} left behind",
+            f"errors the library logged with a traceback (swallowed exceptions): "
+            f"{len(self.logged_errors)}" + _first_traceback(self.logged_errors),
             f"lost: {self.lost_total}" + (f" ({counts(self.lost)})" if self.lost else ""),
             f"invariant violations: {len(self.violations)}",
         ]
@@ -217,6 +220,13 @@ class Summary:
                 lines.append(f"  - {len(subjects)}x (e.g. {subjects[0]}): {text}")
         lines.append(f"result: {'OK' if self.ok else 'FAILED'} (reproduce with --seed {c.seed})")
         return "\n".join(lines)
+
+
+def _first_traceback(logged: list[str]) -> str:
+    """The first logged error in full, indented under its summary line."""
+    if not logged:
+        return ""
+    return "; the first:" + "".join(f"\n    {line}" for line in logged[0].splitlines())
 
 
 class Tally:
@@ -302,7 +312,7 @@ class Slot:
         fields = dict(SPEC_FIELDS)
         if self.rng.random() < 0.5:
             fields["api_key"] = f"sk-chaos-{index}-{seed:x}"
-        self.spec = fake_plan(self.folder, behaviour=behaviour, **fields).spec
+        self.spec = fake_boot_spec(self.folder, behaviour=behaviour, **fields)
         self.fixed_fields = {**fields, "alias": f"fixed-{index}"}
         self.behaviour = behaviour
         self.iid: str | None = None
@@ -603,9 +613,9 @@ class Slot:
             port = int(sock.getsockname()[1])
             hold = self.engine.recorder.hold_port(port)
             self.injected("fixed_port_taken", f"port {port}")
-            spec = fake_plan(
+            spec = fake_boot_spec(
                 self.folder, behaviour=self.behaviour, port=port, **self.fixed_fields
-            ).spec
+            )
             try:
                 resolution = self.engine.runtime.resolve_endpoint(
                     spec, "chaos", owner_ref=self.owner, ttl_ms=1_000, timeout=30
@@ -744,6 +754,13 @@ class Engine:
 
         slot.later("port", hold_s, free)
 
+    def _board_state(self, instance_id: str) -> str | None:
+        """The instance's state on the runtime's status board now (None once pruned)."""
+        try:
+            return self.runtime.snapshot(instance_id).state
+        except InstanceNotFoundError:
+            return None
+
     def watch(self, stop: threading.Event) -> None:
         """Time the runtime's read model and check the clock-driven invariants."""
         try:
@@ -784,6 +801,7 @@ class Engine:
                 policy=POLICY,
                 rng=random.Random(master.randrange(2**32)),  # noqa: S311 - jitter
             )
+            self.recorder.state_of = self._board_state
             watcher = threading.Thread(target=self.watch, args=(stop_watch,), name="chaos-watch")
             threads: list[threading.Thread] = []
             try:
@@ -862,6 +880,7 @@ class Engine:
         if lat:
             summary.snapshot_max_s = lat[-1]
             summary.snapshot_p99_s = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        summary.logged_errors = list(rec.logged_errors)
         summary.lost = self.lost.counter() + rec.lost
         summary.violations = list(rec.violations)
 

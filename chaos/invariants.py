@@ -21,10 +21,22 @@ at first), never repeats a state, reports ``healthy`` or ``degraded`` only while
 instance is ready, and is ``unavailable`` (or still ``unknown``) before a restart, a
 failure or a stop. ``instance_draining`` names exactly the live leases.
 
-A lease is ``granted -> renewed* -> released | expired``, exactly once each end, on
-an instance that was ready and is neither draining nor stopped; it never ends later
-than its ``expires_at`` (plus a tolerance), nor later than its instance's end (plus
-the tolerance), and never expires early.
+A lease is ``granted -> renewed* -> released | expired``, exactly once each end; it
+never ends later than its ``expires_at`` (plus a tolerance), nor later than its
+instance's end (plus the tolerance), and never expires early.
+
+A lease is granted only on an instance that is ready at that moment: not before its
+first ready, not while it restarts (from a crash until the restarted server is ready
+again), not while it drains, not after it stopped. The grant and the instance's
+transitions are sent from different actor threads, so the order in which their signals
+arrive is not the order in which they happened; a grant is flagged only when it
+certainly fell outside "ready" (see :meth:`InvariantRecorder._unready_at`). One
+exception is counted rather than flagged: a grant after the instance failed and before
+the broker heard of it (``late_grants``); that lease must end with the instance.
+
+The library logs an error with a traceback (ERROR or above with exception info, on
+``llama_actors`` or below) only when it swallowed an exception so as to keep going:
+each one is a violation.
 
 A restart that finds its old (auto) port taken comes up on a new port: it neither
 becomes ready on a port another program holds nor fails for a bind failure.
@@ -36,9 +48,12 @@ and "restart intensity exceeded" only once ``max_restarts`` happened in the wind
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +74,16 @@ EPSILON = 1e-6
 
 
 @dataclass
+class Unready:
+    """A stretch of the recorder's clock during which an instance was certainly not
+    ready; ``until`` is None while it lasts."""
+
+    since: float
+    until: float | None = None
+    why: str = "was starting"
+
+
+@dataclass
 class InstanceTrack:
     """What the signals said about one instance."""
 
@@ -72,6 +97,13 @@ class InstanceTrack:
     pids: list[int] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     live: set[str] = field(default_factory=set)
+    # When the instance was certainly not ready: from its creation, or from the arrival
+    # of instance_restarting (the backend set its board row to "starting" before sending
+    # it), until the next instance_starting has been handled (the backend publishes
+    # "ready" only after that send returned).
+    unready: list[Unready] = field(
+        default_factory=lambda: [Unready(-math.inf, why="was starting for the first time")]
+    )
 
 
 @dataclass
@@ -96,12 +128,36 @@ class _PortHold:
     until: float | None = None
 
 
-class InvariantRecorder:
-    """Records every signal and checks it against the invariants (see the module)."""
+class _ErrorLog(logging.Handler):
+    """Hands each record at ERROR or above that carries a traceback to ``found``."""
 
-    def __init__(self, restart: RestartPolicy, *, lease_tolerance_s: float) -> None:
+    def __init__(self, found: Callable[[logging.LogRecord], None]) -> None:
+        super().__init__(logging.ERROR)
+        self.found = found
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info is not None and record.exc_info[0] is not None:
+            self.found(record)
+
+
+class InvariantRecorder:
+    """Records every signal and checks it against the invariants (see the module).
+
+    ``state_of(instance_id)``, if given, reads the instance's state from the runtime's
+    status board (``runtime.snapshot(iid).state``, None once it is gone): it sharpens the
+    grant check for a grant whose signal arrives before the instance_ready it followed.
+    """
+
+    def __init__(
+        self,
+        restart: RestartPolicy,
+        *,
+        lease_tolerance_s: float,
+        state_of: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.restart = restart
         self.tolerance = lease_tolerance_s
+        self.state_of = state_of
         self._lock = threading.Lock()
         self._receivers: list[tuple[Any, Any]] = []
         self.instances: dict[str, InstanceTrack] = {}
@@ -116,7 +172,10 @@ class InvariantRecorder:
         self.max_restarts_in_window = 0
         self.late_grants = 0
         self.port_moves = 0
+        self.logged_errors: list[str] = []
         self._holds: list[_PortHold] = []
+        self._error_log = _ErrorLog(self._logged)
+        self._saved_level: int | None = None
 
     # -- subscription ---------------------------------------------------------------
 
@@ -128,12 +187,37 @@ class InvariantRecorder:
 
             signal.connect(receive, weak=False)
             self._receivers.append((signal, receive))
+        logger = logging.getLogger("llama_actors")
+        if logger.getEffectiveLevel() > logging.ERROR:  # e.g. --log CRITICAL: still see them
+            self._saved_level = logger.level
+            logger.setLevel(logging.ERROR)
+        logger.addHandler(self._error_log)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         for signal, receiver in self._receivers:
             signal.disconnect(receiver)
         self._receivers.clear()
+        logger = logging.getLogger("llama_actors")
+        logger.removeHandler(self._error_log)
+        if self._saved_level is not None:
+            logger.setLevel(self._saved_level)
+            self._saved_level = None
+
+    def _logged(self, record: logging.LogRecord) -> None:
+        """The library swallowed an exception and logged it (any thread)."""
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: show it as given
+            message = str(record.msg)
+        exc = record.exc_info[1] if record.exc_info is not None else None
+        line = f"{record.name}: {message}: {type(exc).__name__}: {exc}"
+        text = line
+        if record.exc_info is not None:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        with self._lock:
+            self.logged_errors.append(text)
+            self.violations.append(f"the library logged an error with a traceback: {line}")
 
     def violate(self, text: str) -> None:
         with self._lock:
@@ -212,6 +296,9 @@ class InvariantRecorder:
         if isinstance(pid, int):
             t.pids.append(pid)
         t.phase = "starting"
+        if t.unready and t.unready[-1].until is None:
+            # The backend publishes "ready" only once this send returns: after now.
+            t.unready[-1].until = time.monotonic()
 
     def _on_instance_ready(self, t: InstanceTrack, now: float, p: dict[str, Any]) -> None:
         if not self._not_terminal(t, "instance_ready"):
@@ -275,6 +362,7 @@ class InvariantRecorder:
                 f"(max_restarts={policy.max_restarts})"
             )
         t.phase = "restarting"
+        t.unready.append(Unready(now, why="was restarting"))  # the board said so before
 
     @staticmethod
     def _restarts_within(t: InstanceTrack, now: float, window: float) -> int:
@@ -296,6 +384,8 @@ class InvariantRecorder:
             self._bad(f"{t.instance_id}: {how} while health is {t.health}")
         t.phase = how
         t.terminal_at = now
+        if t.unready and t.unready[-1].until is None:
+            t.unready[-1].until = now
 
     def _on_instance_failed(self, t: InstanceTrack, now: float, p: dict[str, Any]) -> None:
         if not self._not_terminal(t, "instance_failed"):
@@ -335,12 +425,12 @@ class InvariantRecorder:
         if ref in self.leases:
             self._bad(f"{ref}: granted twice")
             return
-        if not t.ever_ready:
-            self._bad(f"{ref}: granted on {t.instance_id}, which was never ready")
-        if t.draining:
+        if t.draining:  # both sent by the broker, in the order it did them
             self._bad(f"{ref}: granted on {t.instance_id} while it drains")
         if t.phase == "stopped":
             self._bad(f"{ref}: granted on {t.instance_id} after it stopped")
+        elif (why := self._unready_at(t, lease.granted_at)) is not None:
+            self._bad(f"{ref}: granted on {t.instance_id} while it {why}")
         if abs(lease.expires_at - (lease.granted_at + lease.ttl_ms / 1000)) > EPSILON:
             self._bad(f"{ref}: expires_at is not granted_at + ttl")
         track = LeaseTrack(ref, t.instance_id, now, lease.expires_at, lease.ttl_ms)
@@ -350,6 +440,32 @@ class InvariantRecorder:
             self.late_grants += 1
         self.leases[ref] = track
         t.live.add(ref)
+
+    def _unready_at(self, t: InstanceTrack, granted_at: float) -> str | None:
+        """Why the instance was certainly not ready at ``granted_at`` (the broker's
+        clock: time.monotonic, as the recorder's), or None when it was or may have been.
+
+        The grant (on the broker's thread) and the transitions (on the backend's) race
+        to this recorder, so the phase the signals reached is not the phase at the
+        grant. Certain are: an instance that ended without ever being ready; the
+        windows in ``unready``; and a grant on an instance whose instance_ready has not
+        arrived and that is still not ready on the status board now (the backend cannot
+        leave "ready" again before that send returns, so the board has not been ready
+        since the window began).
+        """
+        if t.phase in TERMINAL and not t.ever_ready:
+            return "was never ready"
+        for window in t.unready:
+            if window.since <= granted_at and (window.until is None or granted_at <= window.until):
+                return window.why
+        if t.phase not in ("new", "starting", "restarting") or self.state_of is None:
+            return None
+        if granted_at < t.unready[-1].since:
+            return None  # granted before the crash was announced: it may have been ready
+        board = self.state_of(t.instance_id)
+        if board == "ready":
+            return None  # its instance_ready is on the way
+        return f"{t.unready[-1].why} (the status board says {board or 'gone'}, not ready)"
 
     def _live_lease(self, p: dict[str, Any], what: str) -> LeaseTrack | None:
         lease: Lease = p["lease"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_actors import Runtime, ServerProcess
+from llama_actors import Runtime
+from llama_actors.lowlevel import ServerProcess
 from llama_actors.testing import help_samples
 
 from ._helpers import FAST, Fake, FakeBinary

@@ -4,6 +4,7 @@ loop, timeouts and cancellation that leak no lease, and signals as an async iter
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from pathlib import Path
@@ -55,33 +56,42 @@ async def chat(endpoint: Any, text: str = "hello") -> httpx.Response:
 def test_the_event_loop_keeps_ticking_while_a_slow_server_loads(
     runtime: Runtime, fake: Fake
 ) -> None:
-    spec = fake.spec({"load_seconds": "1.5"})
+    spec = fake.spec({"never_ready": "1"})  # it loads until the test lets it finish
 
-    async def main() -> tuple[float, float, int]:
+    async def main() -> tuple[bool, float]:
         rt = AsyncRuntime.wrap(runtime)
         loop = asyncio.get_running_loop()
         gaps: list[float] = []
+        ticked = asyncio.Event()
+        enough = math.inf  # ticks after which `ticked` is set
 
         async def ticker() -> None:
             last = loop.time()
             while True:
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # a tick: the loop's pulse, waiting for nothing
                 now = loop.time()
                 gaps.append(now - last)
                 last = now
+                if len(gaps) >= enough:
+                    ticked.set()
 
         ticking = asyncio.create_task(ticker())
-        started = loop.time()
-        await rt.resolve_endpoint(spec, "tests", timeout=WAIT)
-        waited = loop.time() - started
+        async with signal_stream("instance_starting") as events:
+            resolving = asyncio.create_task(rt.resolve_endpoint(spec, "tests", timeout=WAIT))
+            await next_event(events, "instance_starting")  # the server is loading now
+        enough = len(gaps) + 20
+        async with asyncio.timeout(WAIT):
+            await ticked.wait()  # the loop ticks on while the resolve waits ...
+        waiting = not resolving.done()
+        fake.set(never_ready=False)
+        await resolving
         ticking.cancel()
-        return waited, max(gaps), len(gaps)
+        return waiting, max(gaps)
 
-    waited, worst_gap, ticks = asyncio.run(main())
+    waiting, worst_gap = asyncio.run(main())
 
-    assert waited > 1.4  # the resolve really waited for the slow load ...
-    assert worst_gap < 0.5  # ... and the loop ran all along (a blocked loop would stall 1.5 s)
-    assert ticks > 20
+    assert waiting  # ... for a load that only the test could end
+    assert worst_gap < 0.5  # 100 ticks' worth: a loop blocked by the resolve stalls for good
 
 
 def test_concurrent_async_resolves_of_one_identity_share_one_spawn(
@@ -109,7 +119,8 @@ def test_concurrent_async_resolves_of_one_identity_share_one_spawn(
 def test_resolve_renew_release_and_stop_work_when_awaited(runtime: Runtime, fake: Fake) -> None:
     async def main() -> None:
         rt = AsyncRuntime.wrap(runtime)
-        resolution = await rt.resolve_endpoint(fake.spec(), "tests", ttl_ms=500)
+        # The TTL only has to outlast the chat between the grant and the renew.
+        resolution = await rt.resolve_endpoint(fake.spec(), "tests", ttl_ms=5_000)
         iid = resolution.instance.instance_id
         ref = resolution.lease.lease_ref
 
@@ -160,12 +171,13 @@ def test_ensure_instance_and_wait_healthy_are_awaitable(runtime: Runtime, fake: 
 def test_a_caller_that_times_out_gets_wait_timeout_and_no_lease_leaks(
     runtime: Runtime, fake: Fake
 ) -> None:
-    spec = fake.spec({"load_seconds": "0.8"})
+    spec = fake.spec({"never_ready": "1"})  # it loads until the test lets it finish
 
     async def main() -> Any:
         rt = AsyncRuntime.wrap(runtime)
         with pytest.raises(WaitTimeoutError, match="keeps going for other callers"):
             await rt.resolve_endpoint(spec, "impatient", timeout=0.2)
+        fake.set(never_ready=False)
         return await rt.resolve_endpoint(spec, "patient", timeout=WAIT)
 
     with SignalRecorder("lease_granted") as recorder:
@@ -177,7 +189,7 @@ def test_a_caller_that_times_out_gets_wait_timeout_and_no_lease_leaks(
 
 
 def test_cancelling_a_resolve_task_leaks_no_lease(runtime: Runtime, fake: Fake) -> None:
-    spec = fake.spec({"load_seconds": "0.8"})
+    spec = fake.spec({"never_ready": "1"})  # it loads until the test lets it finish
 
     async def main() -> Any:
         rt = AsyncRuntime.wrap(runtime)
@@ -189,6 +201,7 @@ def test_cancelling_a_resolve_task_leaks_no_lease(runtime: Runtime, fake: Fake) 
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
+        fake.set(never_ready=False)
         return await rt.resolve_endpoint(spec, "tests", owner_ref="stayer", timeout=WAIT)
 
     with SignalRecorder("lease_granted") as recorder:
@@ -239,7 +252,7 @@ def test_closing_the_async_runtime_stops_every_server_and_joins_every_actor_thre
     rt, resolution = asyncio.run(main())
 
     assert resolution.instance.pid is not None
-    assert wait_gone([resolution.instance.pid], timeout=1) == []
+    assert wait_gone([resolution.instance.pid], timeout=WAIT) == []
     assert [t.name for t in set(threading.enumerate()) - before if t.is_alive()] == []
     assert "closed" in repr(rt)
 

@@ -107,6 +107,19 @@ def scheduler_threads(name: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == name]
 
 
+def hold(scheduler: Scheduler) -> threading.Event:
+    """Keep the scheduler's thread in a callback until the returned event is set: timers
+    a test adds meanwhile cannot come due before it has added them all, however slowly
+    its own thread runs."""
+    release = threading.Event()
+
+    def held() -> None:
+        release.wait(WAIT_S)
+
+    scheduler.call_later(0.0, held)
+    return release
+
+
 def test_the_scheduler_calls_back_on_its_own_thread(scheduler: Scheduler) -> None:
     fired = threading.Event()
     where: list[str] = []
@@ -123,10 +136,12 @@ def test_the_scheduler_calls_back_on_its_own_thread(scheduler: Scheduler) -> Non
 def test_the_scheduler_runs_callbacks_in_time_order(scheduler: Scheduler) -> None:
     done = threading.Event()
     ran: list[str] = []
+    release = hold(scheduler)
     now = scheduler.now()
     scheduler.call_at(now + 0.06, lambda: (ran.append("c"), done.set()))
     scheduler.call_at(now + 0.02, lambda: ran.append("a"))
     scheduler.call_at(now + 0.04, lambda: ran.append("b"))
+    release.set()
     assert done.wait(WAIT_S)
     assert ran == ["a", "b", "c"]
 
@@ -141,13 +156,16 @@ def test_an_earlier_timer_added_later_wakes_the_scheduler(scheduler: Scheduler) 
 def test_a_cancelled_scheduler_timer_never_runs(scheduler: Scheduler) -> None:
     done = threading.Event()
     ran: list[str] = []
+    release = hold(scheduler)
     handle = scheduler.call_later(0.01, lambda: ran.append("cancelled"))
     handle.cancel()
     scheduler.call_later(0.05, lambda: (ran.append("kept"), done.set()))
+    release.set()
     assert done.wait(WAIT_S)
     assert ran == ["kept"]
 
 
+@pytest.mark.logs_errors("a scheduled callback raised")
 def test_a_callback_that_raises_is_logged_and_the_scheduler_goes_on(
     scheduler: Scheduler, caplog: pytest.LogCaptureFixture
 ) -> None:

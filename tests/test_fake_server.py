@@ -407,7 +407,9 @@ def test_exit_before_ready_prints_its_text_and_exits_with_its_code(start: StartF
 
 
 def test_health_says_loading_until_the_load_time_has_passed(start: StartFake) -> None:
-    fake = start(env={"FAKE_LLAMA_LOAD_SECONDS": "0.3"})
+    # A load long enough for both requests to arrive during it and for a progress line
+    # (every 0.2 s) to be logged however slowly the fake's loop runs.
+    fake = start(env={"FAKE_LLAMA_LOAD_SECONDS": "1"})
     port = fake.bound_port()
     loading = get(port, "/health")
     assert (loading.status_code, loading.json()) == (503, LOADING)
@@ -598,13 +600,15 @@ def test_a_hanging_server_accepts_but_answers_only_when_released(
 
 
 def test_a_slow_probe_delays_only_health(start: StartFake) -> None:
-    port = start(env={"FAKE_LLAMA_SLOW_PROBE_SECONDS": "0.2"}).listening()
+    # The delay is five times the read timeout that must run out before the answer, and
+    # twice the one /v1/models must answer within.
+    port = start(env={"FAKE_LLAMA_SLOW_PROBE_SECONDS": "1"}).listening()
     began = time.monotonic()
     assert get(port, "/health").status_code == 200
-    assert time.monotonic() - began >= 0.2
+    assert time.monotonic() - began >= 1.0
     with pytest.raises(httpx.ReadTimeout):
-        httpx.get(url(port, "/health"), timeout=httpx.Timeout(WAIT, read=0.1))
-    assert get(port, "/v1/models", timeout=httpx.Timeout(WAIT, read=0.15)).status_code == 200
+        httpx.get(url(port, "/health"), timeout=httpx.Timeout(WAIT, read=0.2))
+    assert get(port, "/v1/models", timeout=httpx.Timeout(WAIT, read=0.5)).status_code == 200
 
 
 def test_the_server_crashes_after_n_answered_requests(start: StartFake) -> None:

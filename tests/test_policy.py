@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from llama_actors import BootSpecError, InstancePolicy, RestartPolicy, RestartTracker
+from llama_actors import BootSpecError, InstancePolicy, RestartPolicy
+from llama_actors.lowlevel import RestartTracker
 
 
 @pytest.mark.parametrize(

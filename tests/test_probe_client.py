@@ -17,21 +17,18 @@ Handler = Callable[[socket.socket], None]
 
 @pytest.fixture
 def serve() -> Iterator[Callable[[Handler], str]]:
-    """Serve one loopback socket whose every connection ``handler`` answers; gives its URL."""
+    """Serve one loopback socket whose every connection ``handler`` answers; gives its URL.
+    At the end each listener is shut down, which wakes its blocked ``accept``."""
     listeners: list[socket.socket] = []
-    stop = threading.Event()
 
     def start(handler: Handler) -> str:
         listener = socket.create_server(("127.0.0.1", 0))
-        listener.settimeout(0.1)
         listeners.append(listener)
 
         def loop() -> None:
-            while not stop.is_set():
+            while True:
                 try:
                     conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
                 except OSError:
                     return
                 with conn:
@@ -41,8 +38,8 @@ def serve() -> Iterator[Callable[[Handler], str]]:
         return f"http://127.0.0.1:{listener.getsockname()[1]}"
 
     yield start
-    stop.set()
     for listener in listeners:
+        listener.shutdown(socket.SHUT_RDWR)
         listener.close()
 
 

@@ -158,6 +158,7 @@ def test_a_chatty_server_log_is_rotated_so_it_cannot_fill_the_disk(
     assert process.tail(1) == ["line-399-padding-padding-padding"]
 
 
+@pytest.mark.logs_errors(r"on_line callback of llama-server pid \d+ raised")
 def test_a_line_callback_that_raises_does_not_stop_the_capture(
     plan_for: PlanFor, started: list[ServerProcess], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -254,7 +255,10 @@ def test_the_port_is_read_from_the_listening_line(
 def test_stop_sends_sigterm_and_reports_a_requested_exit(
     plan_for: PlanFor, started: list[ServerProcess]
 ) -> None:
-    process = start(started, plan_for(["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"]))
+    script = "trap 'exit 0' TERM; echo trapped; sleep 300 & wait"
+    lines = Lines()
+    process = start(started, plan_for(["/bin/sh", "-c", script]), on_line=lines)
+    lines.first(lambda line: line == "trapped")  # a SIGTERM before the trap kills the shell
     ended = process.stop(timeout=10)
     assert ended.requested
     assert ended.status == "success"
@@ -489,6 +493,7 @@ def test_a_reserved_port_is_retried_only_once(
     assert ended.status == "exit_code"
 
 
+@pytest.mark.logs_errors(r"watching llama-server pid \d+ failed(?s:.*)bug in the watcher")
 def test_a_broken_watcher_still_ends_the_server_and_reports_its_exit(
     plan_for: PlanFor, started: list[ServerProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,6 +84,7 @@ def test_a_sender_filter_matches_an_equal_string_built_at_run_time() -> None:
     assert len(only_chat.calls) == 1
 
 
+@pytest.mark.logs_errors("a receiver of health-changed raised")
 def test_a_receiver_that_raises_is_logged_and_the_others_still_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

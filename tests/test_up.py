@@ -24,6 +24,7 @@ from llama_actors.testing.fake import FAKE_SERVER
 
 CLI = str(Path(sys.executable).parent / "llama-actors")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+READY_HEALTHY = ("ready", "healthy")
 
 
 def fake_backend(name: str, **environment: str) -> str:
@@ -85,11 +86,13 @@ class Up:
                 continue
 
     def finish(self, timeout: float = 30.0) -> int:
+        """Wait for ``up`` to exit and for the reader to reach the end of its output;
+        every line it printed is in ``seen`` then."""
         code = self.process.wait(timeout)
-        self.wait_for("", count=0)
+        self.reader.join(timeout)
         while True:
             try:
-                self.seen.append(self.lines.get(timeout=1.0))
+                self.seen.append(self.lines.get_nowait())
             except queue.Empty:
                 return code
 
@@ -127,13 +130,18 @@ def status(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def server_pids(state_dir: Path, count: int, timeout: float = 10.0) -> list[int]:
-    """The server pids a running ``up`` publishes, once it publishes ``count`` of them
-    (its status file follows the transitions it prints by one redraw)."""
+def server_pids(state_dir: Path, count: int, timeout: float = 30.0) -> list[int]:
+    """The server pids a running ``up`` publishes, once it publishes ``count`` backends
+    ready and healthy. Its status file follows the transitions it prints by one redraw,
+    and nothing announces a rewrite: each look is one run of ``status``, the next run
+    starting as soon as one ends."""
     deadline = time.monotonic() + timeout
     while True:
         done = status(state_dir, "--json")
-        pids = [b["pid"] for s in json.loads(done.stdout) for b in s["backends"] if b["pid"]]
+        backends = [b for s in json.loads(done.stdout) for b in s["backends"]]
+        pids = [
+            b["pid"] for b in backends if b["pid"] and (b["state"], b["health"]) == READY_HEALTHY
+        ]
         if len(pids) >= count or time.monotonic() > deadline:
             return pids
 
@@ -333,10 +341,11 @@ def test_up_shows_a_live_table_in_a_terminal_and_ctrl_c_leaves_nothing_behind(
     tmux_at = [tmux, "-L", session]
     state = tmp_path / "state"
     done_file = tmp_path / "exit-code"
+    exited = f"{session}-exited"  # a tmux channel: the pane signals it once `up` has exited
     command = (
         f"LLAMA_ACTORS_MODEL={gemma_model} LLAMA_SERVER_BIN={real_binary} "
         f"{CLI} up {EXAMPLES / 'up.toml'} --state-dir {state} --refresh 0.2; "
-        f"echo $? > {done_file}; sleep 60"
+        f"echo $? > {done_file}; {tmux} wait-for -S {exited}; sleep 60"
     )
     subprocess.run(
         [*tmux_at, "new-session", "-d", "-s", session, "-x", "140", "-y", "40", command],
@@ -355,6 +364,7 @@ def test_up_shows_a_live_table_in_a_terminal_and_ctrl_c_leaves_nothing_behind(
             rows = table_rows(screen)
             if [r[1:3] for r in rows] == [["ready", "healthy"]] * 2:
                 break
+            # Nothing announces a redraw of the pane: look at the screen again in a moment.
             threading.Event().wait(0.2)
         lines = screen.splitlines()
         assert any(line.split()[:3] == ["backend", "state", "health"] for line in lines), screen
@@ -364,9 +374,8 @@ def test_up_shows_a_live_table_in_a_terminal_and_ctrl_c_leaves_nothing_behind(
         assert all(psutil.pid_exists(pid) for pid in pids)
 
         subprocess.run([*tmux_at, "send-keys", "-t", session, "C-c"], check=True)
-        deadline = time.monotonic() + 60
-        while not done_file.exists() and time.monotonic() < deadline:
-            threading.Event().wait(0.2)
+        # Returns once the pane signalled the channel (at once if it already did).
+        subprocess.run([*tmux_at, "wait-for", exited], check=True, timeout=60)
         assert done_file.read_text().strip() == "0"
         assert not any(psutil.pid_exists(pid) for pid in pids)
     finally:
