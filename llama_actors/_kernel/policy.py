@@ -11,7 +11,7 @@ from collections import deque
 
 import msgspec
 
-from llama_actors._base.units import seconds
+from llama_actors._base.units import InSeconds, InSecondsOrNone, seconds
 from llama_actors._exceptions import BootSpecError
 
 __all__ = ["InstancePolicy", "RestartDecision", "RestartPolicy", "RestartTracker"]
@@ -94,30 +94,12 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
     log_backups: int = 3
 
     # The same durations in seconds, the library's inner unit (see _base.units).
-
-    @property
-    def idle_shutdown_s(self) -> float | None:
-        return None if self.idle_shutdown_ms is None else seconds(self.idle_shutdown_ms)
-
-    @property
-    def ready_ceiling_s(self) -> float:
-        return seconds(self.ready_ceiling_ms)
-
-    @property
-    def probe_timeout_s(self) -> float:
-        return seconds(self.probe_timeout_ms)
-
-    @property
-    def slow_probe_s(self) -> float:
-        return seconds(self.slow_probe_ms)
-
-    @property
-    def wedged_restart_s(self) -> float | None:
-        return None if self.wedged_restart_ms is None else seconds(self.wedged_restart_ms)
-
-    @property
-    def drain_timeout_s(self) -> float:
-        return seconds(self.drain_timeout_ms)
+    idle_shutdown_s = InSecondsOrNone("idle_shutdown_ms")
+    ready_ceiling_s = InSeconds("ready_ceiling_ms")
+    probe_timeout_s = InSeconds("probe_timeout_ms")
+    slow_probe_s = InSeconds("slow_probe_ms")
+    wedged_restart_s = InSecondsOrNone("wedged_restart_ms")
+    drain_timeout_s = InSeconds("drain_timeout_ms")
 
     def __post_init__(self) -> None:
         if self.idle_shutdown_ms is not None:

@@ -20,7 +20,7 @@ from typing import Any, Generic, Literal, TypeVar
 import msgspec
 
 from llama_actors._base.secret import MASK, Secret, looks_secret, mask_argv, mask_mapping
-from llama_actors._base.units import seconds
+from llama_actors._base.units import InSeconds
 from llama_actors._exceptions import BootSpecError, PortNotBoundError
 
 __all__ = [
@@ -148,22 +148,10 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
         return f"BootSpec({', '.join(parts)})"
 
     # -- durations in seconds, the library's inner unit (see _base.units) ------------
-
-    @property
-    def ready_timeout_s(self) -> float:
-        return seconds(self.ready_timeout_ms)
-
-    @property
-    def readiness_interval_s(self) -> float:
-        return seconds(self.readiness_interval_ms)
-
-    @property
-    def health_interval_s(self) -> float:
-        return seconds(self.health_interval_ms)
-
-    @property
-    def stop_timeout_s(self) -> float:
-        return seconds(self.stop_timeout_ms)
+    ready_timeout_s = InSeconds("ready_timeout_ms")
+    readiness_interval_s = InSeconds("readiness_interval_ms")
+    health_interval_s = InSeconds("health_interval_ms")
+    stop_timeout_s = InSeconds("stop_timeout_ms")
 
     # -- keys ---------------------------------------------------------------------
 
