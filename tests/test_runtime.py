@@ -699,7 +699,7 @@ def test_an_actor_resolves_through_the_actor_face_and_is_told_the_resolution(
 
 
 def test_bad_input_through_the_actor_face_raises_in_the_calling_thread(runtime: Runtime) -> None:
-    face = runtime.actor_face(pykka.ThreadingFuture())  # type: ignore[arg-type]
+    face = runtime.actor_face(pykka.ThreadingFuture())
 
     with pytest.raises(BootSpecError, match="model"):
         face.resolve_endpoint({"model": ""}, "x")
@@ -712,7 +712,7 @@ def test_a_renew_of_an_unknown_lease_through_the_actor_face_is_answered_with_the
     runtime: Runtime,
 ) -> None:
     answer: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
-    face = runtime.actor_face(answer)  # type: ignore[arg-type]
+    face = runtime.actor_face(answer)
 
     assert face.renew("lease-unknown") == "lease-unknown"
 

@@ -28,7 +28,7 @@ __all__ = ["ActorFace"]
 class ActorFace:
     """Requests whose answers are told to an actor; see the module docstring."""
 
-    def __init__(self, calls: Calls, reply_to: pykka.ActorRef[Any]) -> None:
+    def __init__(self, calls: Calls, reply_to: pykka.ActorRef[Any] | pykka.Future[Any]) -> None:
         self._calls = calls
         self.reply_to = reply_to
 

@@ -46,9 +46,7 @@ from llama_actors._runtime.board import StatusBoard
 from llama_actors._runtime.broker import LeaseBroker
 from llama_actors._runtime.calls import Calls
 from llama_actors._runtime.context import Context, tell
-from llama_actors._runtime.messages import (
-    Close,
-)
+from llama_actors._runtime.messages import Close
 from llama_actors._runtime.requests import Consumer, check_ttl
 from llama_actors._runtime.signals import health_changed, instance_failed, instance_stopped
 from llama_actors._runtime.supervisor import Supervisor
@@ -322,11 +320,12 @@ class Runtime:
 
     # -- the other faces -----------------------------------------------------------------
 
-    def actor_face(self, reply_to: pykka.ActorRef[Any]) -> ActorFace:
+    def actor_face(self, reply_to: pykka.ActorRef[Any] | pykka.Future[Any]) -> ActorFace:
         """This runtime for code that lives in a pykka actor: each call checks its
         input and sends its request in your thread, returns the request id at once, and
         the answer is told to ``reply_to`` as a :class:`~llama_actors.Replied` with that
-        id. Nothing waits, so an actor never blocks on the runtime."""
+        id (or set on ``reply_to`` if it is a pykka future). Nothing waits, so an actor
+        never blocks on the runtime."""
         return ActorFace(self._calls, reply_to)
 
 
