@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import tempfile
 import threading
@@ -70,6 +71,9 @@ def main(spec: Any, port: int, serve_s: float) -> int:
                 print(line)
 
         if serve_s > 0:
+            # A shell starts background jobs with SIGINT ignored, and Python keeps that;
+            # this example promises that Ctrl-C (SIGINT) ends it, so it asks for it.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             print(f"serving {server.url} for {serve_s:g}s (Ctrl-C ends it sooner)", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait(serve_s)
