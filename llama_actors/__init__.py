@@ -7,14 +7,19 @@ seam, the binary probe, rendering, the scheduler, the actors themselves) is in
 """
 
 from llama_actors import _exceptions, lowlevel, signals
+from llama_actors._backends.attach import AttachSpec, attach_spec
+from llama_actors._backends.registry import (
+    backend_manifest,
+    backends,
+    compatibility,
+    register_backend,
+    unregister_backend,
+    validate_spec,
+)
 from llama_actors._cli.config import Config, load_config, parse_config
 from llama_actors._exceptions import *  # noqa: F403 - every error is public
-from llama_actors._kernel.manifest import (
-    BackendManifest,
-    CompatibilityResult,
-    ConsumerManifest,
-    compatibility,
-)
+from llama_actors._kernel.backend import Backend, BackendBase, BackendSpec, ExitVerdict
+from llama_actors._kernel.manifest import BackendManifest, CompatibilityResult, ConsumerManifest
 from llama_actors._kernel.policy import InstancePolicy, RestartPolicy
 from llama_actors._kernel.types import (
     EndpointDescriptor,
@@ -36,12 +41,17 @@ __version__ = "0.1.0"
 __all__ = [
     "ActorFace",
     "AsyncRuntime",
+    "AttachSpec",
+    "Backend",
+    "BackendBase",
     "BackendManifest",
+    "BackendSpec",
     "BootSpec",
     "CompatibilityResult",
     "Config",
     "ConsumerManifest",
     "EndpointDescriptor",
+    "ExitVerdict",
     "Health",
     "InstancePolicy",
     "InstanceState",
@@ -54,12 +64,18 @@ __all__ = [
     "RuntimeStatistics",
     "SignalEvent",
     "SignalStream",
+    "attach_spec",
+    "backend_manifest",
+    "backends",
     "boot_spec",
     "compatibility",
     "load_config",
     "lowlevel",
     "parse_config",
+    "register_backend",
     "signal_stream",
     "signals",
+    "unregister_backend",
+    "validate_spec",
     *_exceptions.__all__,
 ]

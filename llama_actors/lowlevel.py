@@ -4,7 +4,8 @@ A service needs none of this: :class:`~llama_actors.Runtime` does it all. It is 
 for what sits next to a runtime: rendering a spec without starting it (a dry run),
 probing a llama-server binary, starting one server by hand through the process seam,
 reading the server ledger, classifying a server's log lines, driving time in tests
-(:class:`ManualTimers`), and the pieces the runtime's actors are made of.
+(:class:`ManualTimers`), the probes a backend of your own may call, and the pieces
+the runtime's actors are made of.
 
 These names are stable enough to use, but they follow the runtime's needs: expect
 them to change more often than the top-level API.
@@ -13,8 +14,11 @@ them to change more often than the top-level API.
 from llama_actors._base.clock import ManualTimers, Scheduler, TimerHandle, Timers
 from llama_actors._base.secret import Secret
 from llama_actors._base.state import default_state_dir
-from llama_actors._kernel.manifest import llama_manifest
+from llama_actors._kernel.health import Observation, ProbeGetter, probe_health
 from llama_actors._kernel.policy import RestartDecision, RestartTracker
+from llama_actors._kernel.readiness import ReadyProbe, probe_ready
+from llama_actors._kernel.types import EndpointUrls
+from llama_actors._llama.backend import LlamaCppBackend, llama_manifest
 from llama_actors._llama.binary import (
     FlagInfo,
     ServerBinary,
@@ -23,7 +27,6 @@ from llama_actors._llama.binary import (
     parse_version,
     probe_binary,
 )
-from llama_actors._llama.boot_spec import EndpointUrls
 from llama_actors._llama.render import clear_probe_cache, render_command
 from llama_actors._process.failure import NON_RETRYABLE, FailureKind, classify_line
 from llama_actors._process.ledger import Ledger, LedgerEntry
@@ -39,9 +42,13 @@ __all__ = [
     "LaunchPlan",
     "Ledger",
     "LedgerEntry",
+    "LlamaCppBackend",
     "ManualTimers",
+    "Observation",
     "PrivateFile",
+    "ProbeGetter",
     "ProcessExit",
+    "ReadyProbe",
     "RestartDecision",
     "RestartTracker",
     "Scheduler",
@@ -60,5 +67,7 @@ __all__ = [
     "parse_help",
     "parse_version",
     "probe_binary",
+    "probe_health",
+    "probe_ready",
     "render_command",
 ]

@@ -58,7 +58,7 @@ from llama_actors._runtime.messages import (
     RenewLease,
     TrackInstance,
 )
-from llama_actors.lowlevel import ManualTimers
+from llama_actors.lowlevel import LlamaCppBackend, ManualTimers
 from llama_actors.signals import (
     instance_draining,
     lease_expired,
@@ -75,8 +75,8 @@ COMPAT = llama_actors.compatibility({"consumer": "t"})
 
 
 def endpoint(instance_id: str) -> EndpointDescriptor:
-    return EndpointDescriptor.for_instance(
-        SPEC, instance_id=instance_id, bound_port=8080, binary="x", compatibility=COMPAT
+    return LlamaCppBackend().endpoint(
+        SPEC, instance_id=instance_id, port=8080, plan=None, compatibility=COMPAT
     )
 
 

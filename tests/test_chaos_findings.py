@@ -18,7 +18,6 @@ import pytest
 
 import llama_actors
 from llama_actors import (
-    EndpointDescriptor,
     InstancePolicy,
     LeaseExpiredError,
     RestartPolicy,
@@ -35,7 +34,7 @@ from llama_actors._runtime.messages import (
     Resolve,
     TrackInstance,
 )
-from llama_actors.lowlevel import ManualTimers
+from llama_actors.lowlevel import LlamaCppBackend, ManualTimers
 from llama_actors.testing.fake import fake_boot_spec
 from llama_actors.testing.signals import SignalRecorder
 
@@ -107,8 +106,8 @@ def test_a_lease_that_expires_between_the_sweep_and_a_renew_still_ends_with_its_
     ref, timers, ctx = broker
     ctx.board.add("inst-1", "key-1", None)
     ref.tell(TrackInstance(instance_id="inst-1", idle_shutdown_s=0.1))
-    endpoint = EndpointDescriptor.for_instance(
-        SPEC, instance_id="inst-1", bound_port=8080, binary="x", compatibility=COMPAT
+    endpoint = LlamaCppBackend().endpoint(
+        SPEC, instance_id="inst-1", port=8080, plan=None, compatibility=COMPAT
     )
     ctx.board.ready("inst-1", port=8080, pid=None, endpoint=endpoint)
     with SignalRecorder("lease_expired") as recorder:
@@ -146,8 +145,8 @@ def test_a_grant_that_reaches_the_broker_while_its_instance_restarts_goes_back_t
     the restart: the broker hands it back to the supervisor, which parks it until ready."""
     ref, _, ctx = broker
     ctx.board.add("inst-1", "key-1", None)
-    endpoint = EndpointDescriptor.for_instance(
-        SPEC, instance_id="inst-1", bound_port=8080, binary="x", compatibility=COMPAT
+    endpoint = LlamaCppBackend().endpoint(
+        SPEC, instance_id="inst-1", port=8080, plan=None, compatibility=COMPAT
     )
     ctx.board.ready("inst-1", port=8080, pid=None, endpoint=endpoint)
     ctx.board.backing_off("inst-1", restart_count=1, last_error="killed by SIGKILL")

@@ -20,20 +20,23 @@ PACKAGE = Path(llama_actors.__file__).parent
 
 #: What a service author uses. Adding a name here is a decision about the public API.
 PUBLIC = {
-    "ActorFace", "AsyncRuntime", "BackendManifest", "BootSpec", "CompatibilityResult", "Config",
-    "ConsumerManifest", "EndpointDescriptor", "Health", "InstancePolicy", "InstanceState",
-    "Lease", "Replied", "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot",
-    "RuntimeStatistics", "SignalEvent", "SignalStream", "boot_spec", "compatibility",
-    "load_config", "lowlevel", "parse_config", "signal_stream", "signals",
+    "ActorFace", "AsyncRuntime", "AttachSpec", "Backend", "BackendBase", "BackendManifest",
+    "BackendSpec", "BootSpec", "CompatibilityResult", "Config", "ConsumerManifest",
+    "EndpointDescriptor", "ExitVerdict", "Health", "InstancePolicy", "InstanceState", "Lease",
+    "Replied", "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot", "RuntimeStatistics",
+    "SignalEvent", "SignalStream", "attach_spec", "backend_manifest", "backends", "boot_spec",
+    "compatibility", "load_config", "lowlevel", "parse_config", "register_backend",
+    "signal_stream", "signals", "unregister_backend", "validate_spec",
 }  # fmt: skip
 #: The plumbing, documented in llama_actors.lowlevel.
 LOWLEVEL = {
     "NON_RETRYABLE", "EndpointUrls", "FailureKind", "FlagInfo", "LaunchPlan", "Ledger",
-    "LedgerEntry", "ManualTimers", "PrivateFile", "ProcessExit", "RestartDecision",
-    "RestartTracker", "Scheduler", "Secret", "ServerBinary", "ServerProcess", "Supervisor",
-    "TimerHandle", "Timers", "check_model_file", "classify_line", "clear_probe_cache",
-    "default_state_dir", "llama_manifest", "locate_binary", "parse_help", "parse_version",
-    "probe_binary", "render_command",
+    "LedgerEntry", "LlamaCppBackend", "ManualTimers", "Observation", "PrivateFile",
+    "ProbeGetter", "ProcessExit", "ReadyProbe", "RestartDecision", "RestartTracker",
+    "Scheduler", "Secret", "ServerBinary", "ServerProcess", "Supervisor", "TimerHandle",
+    "Timers", "check_model_file", "classify_line", "clear_probe_cache", "default_state_dir",
+    "llama_manifest", "locate_binary", "parse_help", "parse_version", "probe_binary",
+    "probe_health", "probe_ready", "render_command",
 }  # fmt: skip
 ERRORS = set(_exceptions.__all__)
 
@@ -144,9 +147,9 @@ def _all_modules() -> list[ModuleType]:
 # -- layers -----------------------------------------------------------------------------
 
 #: Each private layer's rank: a module may import its own layer and the ones below.
-LAYERS = {"_exceptions": 0, "_base": 0, "_process": 1, "_llama": 2, "_kernel": 3, "_runtime": 4}
-LAYERS["_cli"] = 5
-PUBLIC_RANK = 6  # llama_actors, lowlevel, signals, metrics, testing
+LAYERS = {"_exceptions": 0, "_base": 0, "_process": 1, "_kernel": 2, "_llama": 3, "_backends": 4}
+LAYERS |= {"_runtime": 5, "_cli": 6}
+PUBLIC_RANK = 7  # llama_actors, lowlevel, signals, metrics, testing
 
 
 def rank(module: str) -> int:

@@ -6,16 +6,17 @@ import msgspec
 import pytest
 
 import llama_actors
-from llama_actors import EndpointDescriptor, Lease, RuntimeSnapshot, boot_spec, compatibility
+from llama_actors import Lease, RuntimeSnapshot, boot_spec, compatibility
+from llama_actors.lowlevel import LlamaCppBackend
 
 
 def test_a_published_endpoint_describes_where_and_how_to_call() -> None:
     spec = boot_spec({"model": "/m/gemma.gguf", "api_key": "sk-1", "api_prefix": "/llm"})
-    endpoint = EndpointDescriptor.for_instance(
+    endpoint = LlamaCppBackend().endpoint(
         spec,
         instance_id="i-1",
-        bound_port=41000,
-        binary="/usr/bin/llama-server",
+        port=41000,
+        plan=None,
         compatibility=compatibility(llama_actors.ConsumerManifest(consumer="x")),
     )
     assert endpoint.endpoint_id == "i-1:endpoint"
@@ -35,7 +36,7 @@ def test_a_published_endpoint_describes_where_and_how_to_call() -> None:
 
 def test_an_embeddings_endpoint_says_it_has_embeddings() -> None:
     spec = boot_spec({"model": "/m.gguf", "embeddings": True})
-    endpoint = EndpointDescriptor.for_instance(spec, instance_id="i", bound_port=1, binary="b")
+    endpoint = LlamaCppBackend().endpoint(spec, instance_id="i", port=1, plan=None)
     assert endpoint.capabilities["embeddings"] is True
 
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from llama_actors._cli.up import BackendStatus, render_table
-from llama_actors.testing.fake import FAKE_SERVER
+from llama_actors.testing.fake import FAKE_SERVER, start_fake
 
 CLI = str(Path(sys.executable).parent / "llama-actors")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -200,6 +200,38 @@ def test_ctrl_c_stops_every_server_and_exits_0(tmp_path: Path, up_runs: list[Up]
     assert up.finish() == 0, up.output()
     assert not any(psutil.pid_exists(pid) for pid in pids)
     assert "Traceback" not in up.output()
+
+
+def test_up_attaches_to_a_server_someone_else_runs_and_leaves_it_running_when_stopped(
+    tmp_path: Path, up_runs: list[Up]
+) -> None:
+    external = start_fake(tmp_path / "external")
+    try:
+        attached = (
+            f'[backends.shared]\nbackend = "attach"\nurl = "{external.urls.root_url}"\n'
+            "health_interval_ms = 100\n"
+        )
+        config = write_config(tmp_path, attached, fake_backend("chat"))
+        up = Up(config, tmp_path / "state")
+        up_runs.append(up)
+        up.wait_for("health unknown -> healthy", count=2)
+        deadline = time.monotonic() + 30  # the status file follows the table by one redraw
+        while True:
+            shown = status(tmp_path / "state", "--json")
+            rows = {b["name"]: b for s in json.loads(shown.stdout) for b in s["backends"]}
+            shared = (rows["shared"]["state"], rows["shared"]["health"])
+            if shared == READY_HEALTHY or time.monotonic() > deadline:
+                break
+        assert shared == READY_HEALTHY
+        assert rows["shared"]["pid"] is None
+        assert rows["shared"]["port"] == external.port
+        assert rows["shared"]["base_url"] == external.urls.root_url + "/v1"
+
+        up.process.send_signal(signal.SIGTERM)
+        assert up.finish() == 0, up.output()
+        assert external.process.running  # up stopped its own server, not this one
+    finally:
+        external.stop(timeout=5)
 
 
 def test_a_backend_that_fails_for_good_makes_the_exit_code_1_and_says_why(

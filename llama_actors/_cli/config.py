@@ -27,9 +27,10 @@ from typing import Any
 
 import msgspec
 
+from llama_actors._backends.registry import validate_spec
 from llama_actors._exceptions import BootSpecError
+from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy, RestartPolicy
-from llama_actors._llama.boot_spec import BootSpec, boot_spec
 
 __all__ = [
     "Config",
@@ -49,7 +50,7 @@ class Config(msgspec.Struct, frozen=True):
     the policy of each backend that has a ``policy`` table."""
 
     source: str | None
-    backends: dict[str, BootSpec]
+    backends: dict[str, BackendSpec]
     policies: dict[str, InstancePolicy] = msgspec.field(default_factory=dict)
 
     def policy(self, name: str) -> InstancePolicy | None:
@@ -57,7 +58,7 @@ class Config(msgspec.Struct, frozen=True):
         self.backend(name)
         return self.policies.get(name)
 
-    def backend(self, name: str) -> BootSpec:
+    def backend(self, name: str) -> BackendSpec:
         try:
             return self.backends[name]
         except KeyError:
@@ -81,7 +82,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def validate_config_file(
     path: str | os.PathLike[str],
-) -> tuple[dict[str, BootSpec], list[BootSpecError]]:
+) -> tuple[dict[str, BackendSpec], list[BootSpecError]]:
     """Read a TOML config file and validate every backend, collecting all the errors.
 
     A file that cannot be read or parsed still raises :class:`BootSpecError`.
@@ -119,7 +120,7 @@ def parse_config(
 
 def validate_config(
     data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
-) -> tuple[dict[str, BootSpec], list[BootSpecError]]:
+) -> tuple[dict[str, BackendSpec], list[BootSpecError]]:
     """Validate every backend; return the valid specs and an error for each invalid one."""
     specs, _policies, errors = _validate(data, source, base_dir)
     return specs, errors
@@ -127,7 +128,7 @@ def validate_config(
 
 def _validate(
     data: Mapping[str, Any], source: str | None, base_dir: str | None
-) -> tuple[dict[str, BootSpec], dict[str, InstancePolicy], list[BootSpecError]]:
+) -> tuple[dict[str, BackendSpec], dict[str, InstancePolicy], list[BootSpecError]]:
     errors: list[BootSpecError] = [
         BootSpecError(
             str(key),
@@ -149,7 +150,7 @@ def _validate(
             )
         )
         return {}, {}, errors
-    specs: dict[str, BootSpec] = {}
+    specs: dict[str, BackendSpec] = {}
     policies: dict[str, InstancePolicy] = {}
     for name, table in backends.items():
         prefix = f"backends.{name}"
@@ -163,7 +164,7 @@ def _validate(
             fields = dict(table)
             policy = fields.pop("policy", None)
             try:
-                specs[name] = boot_spec(_resolve_paths(fields, base_dir))
+                specs[name] = validate_spec(_resolve_paths(fields, base_dir))
             except BootSpecError as exc:
                 errors.append(exc.located(prefix, source))
             if policy is not None:

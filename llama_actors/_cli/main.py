@@ -15,6 +15,7 @@ from typing import TextIO
 
 import msgspec
 
+from llama_actors._backends.registry import resolve_backend
 from llama_actors._base.secret import MASK, mask_mapping
 from llama_actors._cli.config import Config, load_config, validate_config_file
 from llama_actors._cli.demo import run_demo
@@ -26,6 +27,7 @@ from llama_actors._exceptions import (
     ModelFileError,
     UsageError,
 )
+from llama_actors._kernel.backend import BackendSpec
 from llama_actors._llama.binary import locate_binary
 from llama_actors._llama.boot_spec import BootSpec, EndpointUrls
 from llama_actors._llama.render import render_command
@@ -157,16 +159,36 @@ def _print_plan(name: str, spec: BootSpec, plan: LaunchPlan, out: TextIO) -> Non
         print(f"{label + ':':<14}{value}", file=out)
 
 
+def _print_other(name: str, spec: BackendSpec, plan: LaunchPlan | None, out: TextIO) -> None:
+    """A spec of another backend than llama.cpp: what it launches, or that it launches
+    nothing, and where it is served."""
+    urls = spec.urls(plan.port if plan is not None else None)
+    rows = [
+        ("backend", f"{name} ({spec.backend})"),
+        ("argv", plan.command_line() if plan is not None else "nothing: the server runs elsewhere"),
+        ("root_url", urls.root_url),
+        ("base_url", urls.base_url),
+        ("health_url", urls.health_url),
+        ("headers", f"Authorization: Bearer {MASK}" if spec.headers else "-"),
+        ("instance_key", spec.instance_key),
+    ]
+    for label, value in rows:
+        print(f"{label + ':':<14}{value}", file=out)
+
+
 def _render(config: Config, only: str | None, binary: str | None, out: TextIO) -> int:
     names = [only] if only is not None else list(config.backends)
     for i, name in enumerate(names):
         spec = config.backend(name)
+        if i:
+            print(file=out)
         try:
+            if not isinstance(spec, BootSpec):
+                _print_other(name, spec, resolve_backend(spec).launch(spec), out)
+                continue
             plan = render_command(spec, _binary_for(spec, binary))
         except LlamaActorsError as exc:
             raise LlamaActorsError(f"{config.source}: backends.{name}: {exc}") from None
-        if i:
-            print(file=out)
         _print_plan(name, spec, plan, out)
     return EXIT_OK
 
@@ -178,6 +200,11 @@ def _check(path: str, binary: str | None, out: TextIO) -> int:
         print(f"llama-actors: {error}", file=sys.stderr)
     status = EXIT_USAGE if errors else EXIT_OK
     for name, spec in specs.items():
+        if not isinstance(spec, BootSpec):
+            print(
+                f"ok   {name}: {spec.backend} at {spec.urls().root_url} (not contacted)", file=out
+            )
+            continue
         try:
             plan = render_command(spec, _binary_for(spec, binary))
             check_model_file(spec.model)

@@ -8,7 +8,6 @@ from typing import Any, Literal
 import msgspec
 
 from llama_actors._exceptions import ManifestError
-from llama_actors._llama.boot_spec import BootSpec
 
 __all__ = [
     "CONTRACT_VERSION",
@@ -16,7 +15,6 @@ __all__ = [
     "CompatibilityResult",
     "ConsumerManifest",
     "compatibility",
-    "llama_manifest",
 ]
 
 CONTRACT_VERSION = "inference.v1"
@@ -28,11 +26,13 @@ FailureReason = Literal[
     "unsupported_protocol",
     "startup_kind_unsupported",
     "missing_capability",
+    "backend_unregistered",
 ]
 
 
 class BackendManifest(msgspec.Struct, frozen=True, kw_only=True):
-    """What a backend offers. :func:`llama_manifest` builds the llama.cpp one."""
+    """What a backend offers (``llama_actors.backend_manifest(name)`` gives a registered
+    backend's)."""
 
     contract_version: str = CONTRACT_VERSION
     backend: str
@@ -73,7 +73,8 @@ class ConsumerManifest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CompatibilityResult(msgspec.Struct, frozen=True, kw_only=True):
-    """The outcome of :func:`compatibility`. ``reason`` is None when compatible."""
+    """The outcome of :func:`compatibility`. ``reason`` is None when compatible;
+    ``backend_unregistered`` when the spec names a backend nobody registered."""
 
     compatible: bool
     reason: FailureReason | None = None
@@ -85,38 +86,20 @@ class CompatibilityResult(msgspec.Struct, frozen=True, kw_only=True):
     protocol: str | None = None
 
 
-def llama_manifest(spec: BootSpec | None = None) -> BackendManifest:
-    """The llama.cpp backend manifest; with ``embeddings`` on, embeddings are offered too."""
-    protocols: tuple[str, ...] = ("openai_chat_completions",)
-    if spec is not None and spec.embeddings:
-        protocols += ("openai_embeddings",)
-    return BackendManifest(
-        backend="llama_cpp",
-        runtime_kind="service",
-        management_modes=("managed",),
-        startup_kind="spawned",
-        protocols=protocols,
-        capabilities={"streaming": True, "tool_calling": "unknown", "embeddings": "unknown"},
-        supported_surfaces=("local_subprocess",),
-        resource_profile={"scheduler": "none", "placement": "model_dependent", "gpu": "optional"},
-    )
-
-
 def _same(a: Capability, b: Capability) -> bool:
     # True == 1 in Python; a capability of True must not match a value of 1.
     return type(a) is type(b) and a == b
 
 
 def compatibility(
-    consumer: ConsumerManifest | Mapping[str, Any], manifest: BackendManifest | None = None
+    consumer: ConsumerManifest | Mapping[str, Any], backend: BackendManifest
 ) -> CompatibilityResult:
-    """Check ``consumer`` against ``manifest`` (the llama.cpp one by default).
+    """Check ``consumer`` against a backend's manifest.
 
     Checks run in CONTRACT §3 order and the first failure wins.
     """
     if not isinstance(consumer, ConsumerManifest):
         consumer = ConsumerManifest.from_mapping(consumer)
-    backend = manifest or llama_manifest()
 
     def fail(
         reason: FailureReason, detail: str, missing: tuple[str, ...] = ()
@@ -136,7 +119,8 @@ def compatibility(
         return fail(
             "management_mode_mismatch",
             f"backend modes {list(backend.management_modes)} share none with "
-            f"{list(consumer.accepted_management_modes)}",
+            f"{list(consumer.accepted_management_modes)}; to take such an instance, add its "
+            "mode to the consumer's accepted_management_modes",
         )
     protocol = next((p for p in backend.protocols if p in consumer.accepted_protocols), None)
     if protocol is None:

@@ -7,11 +7,11 @@ from typing import Any, Literal
 import msgspec
 
 from llama_actors._base.secret import MASK
-from llama_actors._kernel.manifest import CONTRACT_VERSION, CompatibilityResult, llama_manifest
-from llama_actors._llama.boot_spec import BootSpec
+from llama_actors._kernel.manifest import CONTRACT_VERSION, CompatibilityResult
 
 __all__ = [
     "EndpointDescriptor",
+    "EndpointUrls",
     "Health",
     "InstanceState",
     "Lease",
@@ -25,6 +25,22 @@ __all__ = [
 InstanceState = Literal["starting", "ready", "stopping", "stopped", "failed"]
 #: What the health probes say of a ready instance (``unknown`` before its first probe).
 Health = Literal["unknown", "healthy", "degraded", "unavailable"]
+
+
+class EndpointUrls(msgspec.Struct, frozen=True):
+    """The URLs a server serves on a given port (CONTRACT §1, derived)."""
+
+    root_url: str
+    base_url: str
+    health_url: str
+
+    @classmethod
+    def build(cls, host: str, port: int | str, api_prefix: str) -> EndpointUrls:
+        """URLs for ``host:port``; ``port`` may be a placeholder such as ``<port>``."""
+        if ":" in host:
+            host = f"[{host.replace('%', '%25')}]"
+        root = f"http://{host}:{port}"
+        return cls(root, f"{root}{api_prefix}/v1", f"{root}{api_prefix}/health")
 
 
 class EndpointDescriptor(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,46 +75,6 @@ class EndpointDescriptor(msgspec.Struct, frozen=True, kw_only=True):
                 value = {k: (MASK if k.lower() == "authorization" else v) for k, v in value.items()}
             parts.append(f"{name}={value!r}")
         return f"EndpointDescriptor({', '.join(parts)})"
-
-    @classmethod
-    def for_instance(
-        cls,
-        spec: BootSpec,
-        *,
-        instance_id: str,
-        bound_port: int,
-        binary: str,
-        compatibility: CompatibilityResult | None = None,
-    ) -> EndpointDescriptor:
-        """The published (lease-less) descriptor of an instance serving ``spec``."""
-        manifest = llama_manifest(spec)
-        urls = spec.urls(bound_port)
-        mode = compatibility.management_mode if compatibility else None
-        protocol = compatibility.protocol if compatibility else None
-        return cls(
-            endpoint_id=f"{instance_id}:endpoint",
-            runtime_kind=manifest.runtime_kind,
-            management_mode=mode or manifest.management_modes[0],
-            protocol=protocol or manifest.protocols[0],
-            base_url=urls.base_url,
-            headers=spec.headers,
-            provider_identity=manifest.backend,
-            model_identity=spec.model_identity,
-            source_runtime_ref=urls.root_url,
-            health_ref=urls.health_url,
-            capabilities={
-                "streaming": True,
-                "tool_calling": "unknown",
-                "embeddings": True if spec.embeddings else "unknown",
-            },
-            metadata={
-                "binary": binary,
-                "host": spec.host,
-                "port": bound_port,
-                "api_prefix": spec.api_prefix,
-                "execution_surface": spec.execution_surface,
-            },
-        )
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,2 +1,2 @@
-"""The llama.cpp backend: boot specs, the probed llama-server binary, and rendering a
-spec into a launch plan for that binary."""
+"""The llama.cpp backend: boot specs, the probed llama-server binary, rendering a spec
+into a launch plan for that binary, and the backend that puts them behind the protocol."""

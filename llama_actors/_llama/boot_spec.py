@@ -22,6 +22,7 @@ import msgspec
 from llama_actors._base.secret import MASK, Secret, looks_secret, mask_argv, mask_mapping
 from llama_actors._base.units import InSeconds
 from llama_actors._exceptions import BootSpecError, PortNotBoundError
+from llama_actors._kernel.types import EndpointUrls
 
 __all__ = [
     "DEFAULTS",
@@ -82,22 +83,6 @@ _FLAG_OWNER: Mapping[str, str] = {
 }
 
 
-class EndpointUrls(msgspec.Struct, frozen=True):
-    """The URLs a spec serves on a given port."""
-
-    root_url: str
-    base_url: str
-    health_url: str
-
-    @classmethod
-    def build(cls, host: str, port: int | str, api_prefix: str) -> EndpointUrls:
-        """URLs for ``host:port``; ``port`` may be a placeholder such as ``<port>``."""
-        if ":" in host:
-            host = f"[{host.replace('%', '%25')}]"
-        root = f"http://{host}:{port}"
-        return cls(root, f"{root}{api_prefix}/v1", f"{root}{api_prefix}/health")
-
-
 class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A normalised llama-server boot spec. Build it with :func:`boot_spec`.
 
@@ -152,6 +137,11 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     readiness_interval_s = InSeconds("readiness_interval_ms")
     health_interval_s = InSeconds("health_interval_ms")
     stop_timeout_s = InSeconds("stop_timeout_ms")
+
+    @property
+    def backend(self) -> str:
+        """The backend that serves it: always ``llama_cpp`` (a spec's default)."""
+        return "llama_cpp"
 
     # -- keys ---------------------------------------------------------------------
 
@@ -565,6 +555,15 @@ def boot_spec(spec: Mapping[str, Any] | BootSpec) -> BootSpec:
     for key, value in spec.items():
         if not isinstance(key, str):
             raise _fail(repr(key), key, "field names must be strings")
+        if key == "backend":
+            if value not in (None, "llama_cpp"):
+                raise _fail(
+                    key,
+                    value,
+                    "boot_spec() builds llama_cpp specs; pass a spec of another backend to "
+                    "the Runtime as a mapping, or validate it with llama_actors.validate_spec()",
+                )
+            continue
         if key not in _NORMALISERS:
             raise _fail(key, MASK if looks_secret(key) else value, _unknown_reason(key))
         raw[key] = value

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
 from llama_actors._base.secret import Secret, mask_argv, mask_mapping
-from llama_actors._exceptions import LlamaActorsError, ModelFileError
+from llama_actors._exceptions import LlamaActorsError, ModelFileError, UsageError
 
-__all__ = ["PORT_SLOT", "LaunchPlan", "PortMode", "PrivateFile", "check_model_file"]
+__all__ = ["PORT_SLOT", "PORT_TOKEN", "LaunchPlan", "PortMode", "PrivateFile", "check_model_file"]
 
 PortMode = Literal["fixed", "bind_zero", "reserve"]
 PORT_SLOT = "port"
+#: Where the port goes in the argv given to :meth:`LaunchPlan.simple`.
+PORT_TOKEN = "{port}"  # noqa: S105 - a placeholder, not a secret
 
 
 class PrivateFile(msgspec.Struct, frozen=True):
@@ -57,6 +59,51 @@ class LaunchPlan(msgspec.Struct, frozen=True, kw_only=True):
     model: str | None
     has_key: bool
     stop_timeout_s: float
+
+    @classmethod
+    def simple(
+        cls,
+        argv: Sequence[str],
+        *,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        stop_timeout_s: float = 5.0,
+    ) -> LaunchPlan:
+        """A plan for a server of your own backend: ``argv`` holds the token ``{port}``
+        where the port goes. With ``port`` None the process seam reserves a free port on
+        ``host`` at spawn (and retries once if another program takes it first)."""
+        if not argv:
+            raise UsageError("a launch plan needs an argv: the program and its arguments")
+        args = [str(a) for a in argv]
+        if args.count(PORT_TOKEN) != 1:
+            raise UsageError(
+                f"argv must hold the token {PORT_TOKEN!r} once, where the port goes "
+                f"(got {mask_argv(args)!r})"
+            )
+        index = args.index(PORT_TOKEN)
+        slots: dict[int, str] = {}
+        if port is None:
+            slots[index] = PORT_SLOT
+        else:
+            args[index] = str(port)
+        return cls(
+            name=name,
+            binary_path=args[0],
+            binary_label=os.path.basename(args[0]),
+            argv=tuple(args),
+            env=dict(env or {}),
+            private_files=(),
+            host=host,
+            port=port,
+            port_mode="reserve" if port is None else "fixed",
+            port_index=index,
+            slots=slots,
+            model=None,
+            has_key=False,
+            stop_timeout_s=stop_timeout_s,
+        )
 
     def with_port(self, port: int) -> LaunchPlan:
         """This plan pinned to ``port`` (a restart that keeps the port its holders know)."""

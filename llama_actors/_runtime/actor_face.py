@@ -16,8 +16,8 @@ from typing import Any
 
 import pykka
 
+from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
-from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._runtime.calls import Call, Calls
 from llama_actors._runtime.context import deliver
 from llama_actors._runtime.requests import Consumer
@@ -37,7 +37,7 @@ class ActorFace:
 
     def resolve_endpoint(
         self,
-        spec: BootSpec | Mapping[str, Any],
+        spec: BackendSpec | Mapping[str, Any],
         consumer: Consumer | None = None,
         *,
         owner_ref: str | None = None,
@@ -59,7 +59,7 @@ class ActorFace:
         )
 
     def ensure_instance(
-        self, spec: BootSpec | Mapping[str, Any], *, policy: InstancePolicy | None = None
+        self, spec: BackendSpec | Mapping[str, Any], *, policy: InstancePolicy | None = None
     ) -> str:
         """Like :meth:`resolve_endpoint` without a lease; the answer is a snapshot."""
         return self._send(self._calls.ensure(spec, policy=policy, timeout=0.0, reply=self.reply_to))

@@ -40,6 +40,7 @@ import pykka
 
 from llama_actors._base.clock import Timers
 from llama_actors._exceptions import LlamaActorsError, SignalOverflowError, UsageError
+from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import (
     EndpointDescriptor,
@@ -48,7 +49,6 @@ from llama_actors._kernel.types import (
     RuntimeSnapshot,
     RuntimeStatistics,
 )
-from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._runtime.calls import Call, Calls
 from llama_actors._runtime.requests import Consumer
 from llama_actors._runtime.runtime import (
@@ -184,7 +184,7 @@ class AsyncRuntime:
 
     async def resolve_endpoint(
         self,
-        spec: BootSpec | Mapping[str, Any],
+        spec: BackendSpec | Mapping[str, Any],
         consumer: Consumer | None = None,
         *,
         owner_ref: str | None = None,
@@ -212,7 +212,7 @@ class AsyncRuntime:
 
     async def ensure_instance(
         self,
-        spec: BootSpec | Mapping[str, Any],
+        spec: BackendSpec | Mapping[str, Any],
         *,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,

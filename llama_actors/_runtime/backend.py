@@ -1,9 +1,13 @@
-"""BackendActor: one per instance. Owns the server process and the instance's state
-machine ``starting -> ready -> stopping -> stopped`` (``failed`` when it gives up).
+"""BackendActor: one per instance. Owns the server process (when its backend launches
+one) and the instance's state machine ``starting -> ready -> stopping -> stopped``
+(``failed`` when it gives up).
 
 It never blocks its thread longer than one probe timeout: readiness is a series of
 scheduled ticks, a stop is SIGTERM now and a scheduled SIGKILL later, and the process
-seam's callbacks only hand messages to this actor.
+seam's callbacks only hand messages to this actor. What is specific to a kind of server
+(probes, the endpoint, what an exit means) it asks the instance's backend. An instance
+whose backend launches nothing (``attach``) has no process: it is probed until ready,
+its health follows its probes, and stopping it only forgets it.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from llama_actors._exceptions import (
     ReadinessTimeoutError,
     ServerExitedError,
 )
+from llama_actors._kernel.backend import Backend, BackendSpec, host_port
 from llama_actors._kernel.policy import InstancePolicy, RestartTracker
-from llama_actors._kernel.readiness import StallDeadline, probe_ready
+from llama_actors._kernel.readiness import StallDeadline
 from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState
-from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._process.plan import LaunchPlan
 from llama_actors._process.process import ProcessExit, ServerProcess
 from llama_actors._runtime.actor import RuntimeActor
@@ -64,19 +68,21 @@ _PHASES = {"refused": "connecting", "loading": "loading", "not_ready": "waiting"
 
 
 class BackendActor(RuntimeActor):
-    """Runs one llama-server instance; see the module docstring."""
+    """Runs one instance of any backend; see the module docstring."""
 
     def __init__(
         self,
         *,
         instance_id: str,
-        spec: BootSpec,
-        plan: LaunchPlan,
+        backend: Backend,
+        spec: BackendSpec,
+        plan: LaunchPlan | None,
         policy: InstancePolicy,
         context: Context,
     ) -> None:
         super().__init__(context=context)
         self.instance_id = instance_id
+        self.backend = backend
         self.spec = spec
         self.policy = policy
         self.state: InstanceState = "starting"
@@ -89,7 +95,7 @@ class BackendActor(RuntimeActor):
         self.fail_reason: str | None = None
         self.kill_reason: str | None = None
         self.restarts = RestartTracker(policy.restart, context.rng)
-        self.plan = plan  # rendered in the caller's thread; a restart derives from it
+        self.plan = plan  # rendered in the caller's thread (None: nothing to launch)
         self._last_port: int | None = None
         self._pinned = False  # this spawn asked for _last_port instead of any free port
         self._ended = False  # _stopped has run
@@ -176,24 +182,27 @@ class BackendActor(RuntimeActor):
 
     def _spawn(self, attempt: int) -> None:
         self.generation += 1
-        gen = self.generation
         self.kill_reason = None
-        try:
-            self.process = self._start(gen)
-        except LlamaActorsError as exc:
-            self._give_up(str(exc), exc)
-            return
+        pid: int | None = None
+        if self.plan is not None:
+            try:
+                self.process = self._start(self.generation, self.plan)
+            except LlamaActorsError as exc:
+                self._give_up(str(exc), exc)
+                return
+            pid = self.process.pid
         now = self.ctx.timers.now()
         self._spawned_at = now
         self._last_output = now
         self._deadline = StallDeadline(now, self.spec.ready_timeout_s, self.policy.ready_ceiling_s)
         self._last_probe = "no probe yet"
-        self.state, self._phase = "starting", "spawned"
-        self.ctx.board.starting(self.instance_id, pid=self.process.pid, phase="spawned")
-        emit(instance_starting, self.instance_id, attempt=attempt, pid=self.process.pid)
+        phase = "spawned" if self.plan is not None else "connecting"
+        self.state, self._phase = "starting", phase
+        self.ctx.board.starting(self.instance_id, pid=pid, phase=phase)
+        emit(instance_starting, self.instance_id, attempt=attempt, pid=pid)
         self._schedule_tick(self.spec.readiness_interval_s)
 
-    def _start(self, gen: int) -> ServerProcess:
+    def _start(self, gen: int, plan: LaunchPlan) -> ServerProcess:
         me = self.actor_ref
         self._pinned = False
         timers = self.ctx.timers
@@ -214,10 +223,10 @@ class BackendActor(RuntimeActor):
             "log_max_bytes": self.policy.log_max_bytes,
             "log_backups": self.policy.log_backups,
         }
-        if self._last_port is not None and self.plan.port_mode != "fixed":
+        if self._last_port is not None and plan.port_mode != "fixed":
             # A restart keeps the port its lease holders know, when it is still free.
             try:
-                process = ServerProcess.start(self.plan.with_port(self._last_port), **kwargs)
+                process = ServerProcess.start(plan.with_port(self._last_port), **kwargs)
                 self._pinned = True
                 return process
             except PortInUseError:
@@ -226,7 +235,7 @@ class BackendActor(RuntimeActor):
                     self.instance_id,
                     self._last_port,
                 )
-        return ServerProcess.start(self.plan, **kwargs)
+        return ServerProcess.start(plan, **kwargs)
 
     def _schedule_tick(self, delay: float) -> None:
         if self._tick is not None:
@@ -237,25 +246,15 @@ class BackendActor(RuntimeActor):
 
     def _readiness_tick(self) -> None:
         process, deadline = self.process, self._deadline
-        if (
-            self.state != "starting"
-            or process is None
-            or deadline is None
-            or process.exit is not None
-        ):
+        if self.state != "starting" or deadline is None:
+            return
+        if self.plan is not None and (process is None or process.exit is not None):
             return
         deadline.progress(self._last_output)
-        port = process.port
-        if port is not None:
-            urls = self.spec.urls(port)
-            probe = probe_ready(
-                self.ctx.client,
-                self.spec.host,
-                port,
-                urls.health_url,
-                urls.base_url + "/models",
-                self.spec.headers,
-                timeout_s=self.policy.probe_timeout_s,
+        port = process.port if process is not None else None
+        if process is None or port is not None:
+            probe = self.backend.probe_ready(
+                self.ctx.client, self.spec, port, timeout_s=self.policy.probe_timeout_s
             )
             if probe.result == "ready":
                 self._ready(port)
@@ -272,41 +271,45 @@ class BackendActor(RuntimeActor):
         if why is None:
             self._schedule_tick(self.spec.readiness_interval_s)
             return
+        tail = tuple(process.tail(20)) if process is not None else ()
+        last = f"last output: {_tail(process)}" if process is not None else "nothing launched"
         message = (
             f"instance {self.instance_id} ({self.spec.alias}) is not ready: {why}; last probe: "
-            f"{self._last_probe}; last output: {_tail(process)}. Raise ready_timeout_ms if the "
-            "model loads silently for longer"
+            f"{self._last_probe}; {last}. Raise ready_timeout_ms if it takes longer"
+            + (" to load silently" if process is not None else " to come up")
         )
-        error = ReadinessTimeoutError(
-            message, instance_id=self.instance_id, tail=tuple(process.tail(20))
-        )
+        error = ReadinessTimeoutError(message, instance_id=self.instance_id, tail=tail)
         self.kill_reason = why
-        if self.ever_ready:
+        if self.ever_ready and process is not None:
             # A restart that does not come up counts as another crash.
             self._terminate()
         else:
             self._give_up(message, error)
 
-    def _ready(self, port: int) -> None:
-        if self.process is None:
+    def _ready(self, port: int | None) -> None:
+        if self.plan is not None and self.process is None:
             return
         self._last_port = port
         first = not self.ever_ready
         self.ever_ready = True
-        self.endpoint = EndpointDescriptor.for_instance(
-            self.spec, instance_id=self.instance_id, bound_port=port, binary=self.plan.binary_path
+        self.endpoint = self.backend.endpoint(
+            self.spec, instance_id=self.instance_id, port=port, plan=self.plan
         )
+        pid = self.process.pid if self.process is not None else None
         now = self.ctx.timers.now()
         self.state = "ready"
         self.ctx.board.ready(
-            self.instance_id, port=port, pid=self.process.pid, endpoint=self.endpoint
+            self.instance_id,
+            port=host_port(self.endpoint.source_runtime_ref)[1],
+            pid=pid,
+            endpoint=self.endpoint,
         )
         emit(
             instance_ready,
             self.instance_id,
             endpoint=self.endpoint,
-            pid=self.process.pid,
-            port=port,
+            pid=pid,
+            port=host_port(self.endpoint.source_runtime_ref)[1],
             elapsed_s=round(now - self._spawned_at, 6),
         )
         self._set_health("healthy", "ready" if first else "ready again after a restart")
@@ -319,7 +322,8 @@ class BackendActor(RuntimeActor):
 
             self._poller = HealthPoller.start(
                 instance_id=self.instance_id,
-                backend=self.actor_ref,
+                owner=self.actor_ref,
+                backend=self.backend,
                 spec=self.spec,
                 policy=self.policy,
                 context=self.ctx,
@@ -335,7 +339,8 @@ class BackendActor(RuntimeActor):
         self.ctx.board.set_health(self.instance_id, new)
         emit(health_changed, self.instance_id, old=old, new=new, reason=reason)
         wedged_s = self.policy.wedged_restart_s
-        if new == "unavailable" and self.state == "ready" and wedged_s is not None:
+        launched = self.process is not None
+        if new == "unavailable" and self.state == "ready" and wedged_s is not None and launched:
             self._wedge_token += 1
             tell_later(
                 self.ctx.timers,
@@ -367,26 +372,27 @@ class BackendActor(RuntimeActor):
             return
         if self.state == "failed":
             return
-        why = self.kill_reason or report.describe()
+        verdict = self.backend.classify_exit(report)
+        why = self.kill_reason or verdict.reason
         if not self.ever_ready:
             message = (
-                f"instance {self.instance_id} ({self.spec.alias}): {report.describe()} before it "
+                f"instance {self.instance_id} ({self.spec.alias}): {verdict.reason} before it "
                 f"was ready; last output: {' | '.join(report.tail[-5:]) or '(nothing)'}"
             )
             self._give_up(message, ServerExitedError(message, report), report)
             return
         self._set_health("unavailable", f"process exited: {why}")
-        if self._pinned and report.failure == "bind_failure":
+        if self._pinned and verdict.failure == "bind_failure":
             # Another program took the old port between our check and the server's bind:
             # the next attempt takes any free port, so this one is worth retrying.
             log.info(
                 "instance %s: its old port was taken; restarting on a new port", self.instance_id
             )
             self._last_port = None
-        elif not report.retryable:
+        elif not verdict.retryable:
             message = (
-                f"instance {self.instance_id}: {report.describe()}; {report.failure} is not "
-                "retryable, so it is not restarted"
+                f"instance {self.instance_id}: {verdict.reason}; {verdict.failure or 'this exit'} "
+                "is not retryable, so it is not restarted"
             )
             self._give_up(message, ServerExitedError(message, report), report)
             return
@@ -432,12 +438,12 @@ class BackendActor(RuntimeActor):
             self._stopped(self.process.exit if self.process is not None else None)
 
     def _terminate(self) -> None:
-        if self.process is None:
+        if self.process is None or self.plan is None:
             return
         self.process.terminate()
         if self._kill is not None:
             self._kill.cancel()
-        grace = self.spec.stop_timeout_s
+        grace = self.plan.stop_timeout_s
         self._kill = tell_later(
             self.ctx.timers, grace, self.actor_ref, KillDeadline(generation=self.generation)
         )

@@ -68,8 +68,9 @@ class StatusBoard:
 
     # -- writes: one per kind of change, each by the row's one writer ---------------
 
-    def starting(self, instance_id: str, *, pid: int, phase: str) -> None:
-        """A server was spawned for the instance (BackendActor)."""
+    def starting(self, instance_id: str, *, pid: int | None, phase: str) -> None:
+        """A server was spawned for the instance, or an attached one is being probed
+        (BackendActor)."""
         self._write(instance_id, "starting", pid=pid, phase=phase)
 
     def backing_off(self, instance_id: str, *, restart_count: int, last_error: str) -> None:

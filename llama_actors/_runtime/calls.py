@@ -27,8 +27,8 @@ from llama_actors._exceptions import (
     RuntimeClosedError,
     WaitTimeoutError,
 )
+from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
-from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._runtime.board import StatusBoard
 from llama_actors._runtime.context import Context, tell
 from llama_actors._runtime.messages import (
@@ -60,7 +60,7 @@ class Call:
     timeout: float
     what: str
     request_id: str
-    spec: BootSpec | None = None
+    spec: BackendSpec | None = None
 
 
 def route(message: Message, ctx: Context) -> tuple[pykka.ActorRef[Any] | None, Message]:
@@ -112,7 +112,7 @@ class Calls:
 
     def resolve(
         self,
-        spec: BootSpec | Mapping[str, Any],
+        spec: BackendSpec | Mapping[str, Any],
         consumer: Consumer | None,
         *,
         owner_ref: str | None,
@@ -123,10 +123,11 @@ class Calls:
     ) -> Call:
         self._check_open()
         ttl = check_ttl(self.lease_ttl_ms if ttl_ms is None else ttl_ms)
-        spec, result, plan = prepare(spec, consumer)
+        backend, spec, result, plan = prepare(spec, consumer)
         rid = request_id()
         message = Resolve(
             request_id=rid,
+            backend=backend,
             spec=spec,
             plan=plan,
             compatibility=result,
@@ -139,17 +140,22 @@ class Calls:
 
     def ensure(
         self,
-        spec: BootSpec | Mapping[str, Any],
+        spec: BackendSpec | Mapping[str, Any],
         *,
         policy: InstancePolicy | None,
         timeout: float,
         reply: Reply,
     ) -> Call:
         self._check_open()
-        spec, _, plan = prepare(spec, None)
+        backend, spec, _, plan = prepare(spec, None)
         rid = request_id()
         message = Ensure(
-            request_id=rid, spec=spec, plan=plan, policy=policy or self.policy, reply=reply
+            request_id=rid,
+            backend=backend,
+            spec=spec,
+            plan=plan,
+            policy=policy or self.policy,
+            reply=reply,
         )
         return Call(message, reply, timeout, f"instance {spec.alias}", rid, spec)
 
@@ -227,14 +233,15 @@ class Calls:
             f"no answer for {call.what} within {call.timeout:g}s{self._describe(call.spec)}"
         )
 
-    def _describe(self, spec: BootSpec | None) -> str:
+    def _describe(self, spec: BackendSpec | None) -> str:
         if spec is None:
             return ""
         for snap in self.ctx.board.all():
             if snap.instance_key == spec.instance_key and snap.state in ("starting", "ready"):
+                log = f" (log: {snap.log_path})" if snap.log_path else ""
                 return (
                     f"; instance {snap.instance_id} is {snap.state} and keeps going for other "
-                    f"callers (log: {snap.log_path})"
+                    f"callers{log}"
                 )
         return ""
 

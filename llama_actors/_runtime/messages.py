@@ -12,10 +12,10 @@ from typing import Any
 
 import msgspec
 
+from llama_actors._kernel.backend import Backend, BackendSpec
 from llama_actors._kernel.manifest import CompatibilityResult
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import EndpointDescriptor, Health
-from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._process.plan import LaunchPlan
 
 __all__ = [
@@ -73,8 +73,9 @@ class Replied(Message, frozen=True, tag=True, kw_only=True):
 
 class Resolve(Message, frozen=True, tag=True, kw_only=True):
     request_id: str
-    spec: BootSpec
-    plan: LaunchPlan
+    backend: Backend
+    spec: BackendSpec
+    plan: LaunchPlan | None
     compatibility: CompatibilityResult
     owner_ref: str | None
     ttl_ms: int
@@ -84,8 +85,9 @@ class Resolve(Message, frozen=True, tag=True, kw_only=True):
 
 class Ensure(Message, frozen=True, tag=True, kw_only=True):
     request_id: str
-    spec: BootSpec
-    plan: LaunchPlan
+    backend: Backend
+    spec: BackendSpec
+    plan: LaunchPlan | None
     policy: InstancePolicy
     reply: Any
 
@@ -179,7 +181,7 @@ class KillDeadline(Message, frozen=True, tag=True, kw_only=True):
 
 class Watch(Message, frozen=True, tag=True, kw_only=True):
     generation: int
-    port: int
+    port: int | None
 
 
 class Pause(Message, frozen=True, tag=True, kw_only=True):

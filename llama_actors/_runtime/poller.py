@@ -1,7 +1,8 @@
-"""HealthPoller: one per instance. Probes ``/health`` every ``health_interval_ms``
-with the runtime's probe client (a fresh connection each time) and a short timeout, classifies each
-answer (CONTRACT §5) and tells its BackendActor when the state changes, once per
-change. The BackendActor owns the published health; the poller only observes.
+"""HealthPoller: one per instance. Has the instance's backend probe it every
+``health_interval_ms`` with the runtime's probe client (a fresh connection each time)
+and a short timeout (``/health``, classified as CONTRACT §5 says, for the built-in
+backends) and tells its BackendActor when the state changes, once per change. The
+BackendActor owns the published health; the poller only observes.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 import pykka
 
 from llama_actors._base.clock import TimerHandle
-from llama_actors._kernel.health import HealthTracker, probe_health
+from llama_actors._kernel.backend import Backend, BackendSpec
+from llama_actors._kernel.health import HealthTracker
 from llama_actors._kernel.policy import InstancePolicy
-from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.context import Context, tell, tell_later
 from llama_actors._runtime.messages import HealthReport, Message, Pause, ProbeTick, Watch
@@ -32,18 +33,21 @@ class HealthPoller(RuntimeActor):
         self,
         *,
         instance_id: str,
-        backend: pykka.ActorRef[Any],
-        spec: BootSpec,
+        owner: pykka.ActorRef[Any],
+        backend: Backend,
+        spec: BackendSpec,
         policy: InstancePolicy,
         context: Context,
     ) -> None:
         super().__init__(context=context)
         self.instance_id = instance_id
+        self.owner = owner
         self.backend = backend
         self.spec = spec
         self.policy = policy
         self.generation: int | None = None
         self.port: int | None = None
+        self.watching = False
         self.tracker = HealthTracker(policy.unavailable_after)
         self.last_latency_s: float | None = None
         self._next: TimerHandle | None = None
@@ -61,7 +65,7 @@ class HealthPoller(RuntimeActor):
     def handle(self, message: Message) -> None:
         match message:
             case Watch(generation=gen, port=port):
-                self.generation, self.port = gen, port
+                self.generation, self.port, self.watching = gen, port, True
                 self.tracker = HealthTracker(self.policy.unavailable_after)
                 self._schedule()
             case Pause(generation=gen):
@@ -76,22 +80,20 @@ class HealthPoller(RuntimeActor):
                 log.warning("health poller of %s: unexpected %r", self.instance_id, message)
 
     def _probe(self, gen: int) -> None:
-        if self.port is None:
+        if not self.watching:
             return
-        urls = self.spec.urls(self.port)
         started = self.ctx.timers.now()
-        obs = probe_health(
+        obs = self.backend.probe_health(
             self.ctx.client,
-            urls.health_url,
-            urls.base_url + "/models",
-            self.spec.headers,
+            self.spec,
+            self.port,
             timeout_s=self.policy.probe_timeout_s,
             slow_s=self.policy.slow_probe_s,
         )
         self.last_latency_s = obs.latency_s
         emit(probe_completed, self.instance_id, latency_s=obs.latency_s, verdict=obs.verdict)
         if (change := self.tracker.observe(obs)) is not None:
-            tell(self.backend, HealthReport(generation=gen, new=change.new, reason=change.reason))
+            tell(self.owner, HealthReport(generation=gen, new=change.new, reason=change.reason))
         elapsed = self.ctx.timers.now() - started
         self._schedule(max(0.0, self.spec.health_interval_s - elapsed))
 

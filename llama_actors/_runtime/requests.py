@@ -5,29 +5,32 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+from llama_actors._backends.registry import resolve_backend
 from llama_actors._exceptions import IncompatibleError, UsageError
-from llama_actors._kernel.manifest import (
-    CompatibilityResult,
-    ConsumerManifest,
-    compatibility,
-    llama_manifest,
-)
-from llama_actors._llama.boot_spec import BootSpec, boot_spec
-from llama_actors._llama.render import plan_for
-from llama_actors._process.plan import LaunchPlan, check_model_file
+from llama_actors._kernel.backend import Backend, BackendSpec
+from llama_actors._kernel.manifest import CompatibilityResult, ConsumerManifest, compatibility
+from llama_actors._process.plan import LaunchPlan
 
-__all__ = ["Consumer", "check_ttl", "consumer_manifest", "prepare", "request_id"]
+__all__ = ["Consumer", "Prepared", "check_ttl", "consumer_manifest", "prepare", "request_id"]
 
 #: A consumer manifest, a mapping of its fields, or just the consumer's name.
 Consumer = ConsumerManifest | Mapping[str, Any] | str
 
 
+#: The consumer of a call that names none: it takes a managed or an attached server.
+ANONYMOUS = ConsumerManifest(
+    consumer="anonymous", accepted_management_modes=("managed", "externally_managed")
+)
+
+
 def consumer_manifest(consumer: Consumer | None) -> ConsumerManifest:
-    """``consumer`` as a manifest (None is the anonymous consumer)."""
+    """``consumer`` as a manifest (None is the anonymous consumer, which accepts managed
+    and externally managed servers alike; a named consumer accepts what its manifest
+    says, managed only by default)."""
     if consumer is None:
-        return ConsumerManifest(consumer="anonymous")
+        return ANONYMOUS
     if isinstance(consumer, str):
         return ConsumerManifest(consumer=consumer)
     if isinstance(consumer, ConsumerManifest):
@@ -35,19 +38,28 @@ def consumer_manifest(consumer: Consumer | None) -> ConsumerManifest:
     return ConsumerManifest.from_mapping(consumer)
 
 
-def prepare(
-    spec: BootSpec | Mapping[str, Any], consumer: Consumer | None
-) -> tuple[BootSpec, CompatibilityResult, LaunchPlan]:
-    """Normalise ``spec``, check ``consumer`` against it, check that it can be started
-    (model file, binary, flags) and render its launch plan: bad input fails here, in
-    the caller's thread, before anything is spawned. The plan travels with the request
-    to the actor that starts the server, which never renders again."""
-    spec = boot_spec(spec)
-    result = compatibility(consumer_manifest(consumer), llama_manifest(spec))
+class Prepared(NamedTuple):
+    """A checked spec, its backend, the consumer's compatibility with it, and its
+    launch plan (None when the backend launches nothing)."""
+
+    backend: Backend
+    spec: BackendSpec
+    compatibility: CompatibilityResult
+    plan: LaunchPlan | None
+
+
+def prepare(spec: BackendSpec | Mapping[str, Any], consumer: Consumer | None) -> Prepared:
+    """Find the spec's backend, validate the spec, check ``consumer`` against the
+    backend's manifest, and let the backend check that it can start (model file, binary,
+    flags) and render its launch plan: bad input fails here, in the caller's thread,
+    before anything is spawned. The plan travels with the request to the actor that
+    starts the server, which never renders again."""
+    backend = resolve_backend(spec)
+    checked = backend.spec(spec)
+    result = compatibility(consumer_manifest(consumer), backend.manifest(checked))
     if not result.compatible:
         raise IncompatibleError(result)
-    check_model_file(spec.model)
-    return spec, result, plan_for(spec)
+    return Prepared(backend, checked, result, backend.launch(checked))
 
 
 def request_id() -> str:

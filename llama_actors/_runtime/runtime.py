@@ -31,6 +31,7 @@ from llama_actors._exceptions import (
     NotReadyError,
     WaitTimeoutError,
 )
+from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.probe_client import ProbeClient
 from llama_actors._kernel.types import (
@@ -40,7 +41,6 @@ from llama_actors._kernel.types import (
     RuntimeSnapshot,
     RuntimeStatistics,
 )
-from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._runtime.actor_face import ActorFace
 from llama_actors._runtime.board import StatusBoard
 from llama_actors._runtime.broker import LeaseBroker
@@ -132,7 +132,7 @@ class Runtime:
 
     def resolve_endpoint(
         self,
-        spec: BootSpec | Mapping[str, Any],
+        spec: BackendSpec | Mapping[str, Any],
         consumer: Consumer | None = None,
         *,
         owner_ref: str | None = None,
@@ -163,7 +163,7 @@ class Runtime:
 
     def ensure_instance(
         self,
-        spec: BootSpec | Mapping[str, Any],
+        spec: BackendSpec | Mapping[str, Any],
         *,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,

@@ -21,8 +21,8 @@ from llama_actors._exceptions import (
     NotReadyError,
     RuntimeClosedError,
 )
+from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
-from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.backend import BackendActor
 from llama_actors._runtime.context import Context, deliver, tell
@@ -58,7 +58,7 @@ KEEP_FINISHED = 100
 class _Instance:
     ref: pykka.ActorRef[Any]
     key: str
-    spec: BootSpec
+    spec: BackendSpec
     policy: InstancePolicy
     waiting: dict[str, Resolve | Ensure] = field(default_factory=dict)
     stop_replies: list[tuple[str, Any]] = field(default_factory=list)
@@ -133,9 +133,15 @@ class Supervisor(RuntimeActor):
     def _create(self, msg: Resolve | Ensure) -> str:
         spec, policy = msg.spec, msg.policy
         iid = f"{_slug(spec.alias)}-{secrets.token_hex(3)}"
-        self.ctx.board.add(iid, spec.instance_key, str(self.ctx.log_path(iid)))
+        log_path = str(self.ctx.log_path(iid)) if msg.plan is not None else None
+        self.ctx.board.add(iid, spec.instance_key, log_path)
         ref = BackendActor.start(
-            instance_id=iid, spec=spec, plan=msg.plan, policy=policy, context=self.ctx
+            instance_id=iid,
+            backend=msg.backend,
+            spec=spec,
+            plan=msg.plan,
+            policy=policy,
+            context=self.ctx,
         )
         self.registry[iid] = _Instance(ref=ref, key=spec.instance_key, spec=spec, policy=policy)
         self.by_key[spec.instance_key] = iid

@@ -18,7 +18,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from llama_actors._kernel.manifest import BackendManifest, ConsumerManifest, llama_manifest
+from llama_actors._kernel.manifest import BackendManifest, ConsumerManifest
+from llama_actors._llama.backend import llama_manifest
 from llama_actors._llama.boot_spec import (
     FIELDS,
     FLASH_ATTN_VALUES,
