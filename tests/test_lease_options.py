@@ -1,4 +1,6 @@
-"""The contract's lease options on the fake llama-server: embeddings endpoints."""
+"""The contract's lease options on the fake llama-server: embeddings endpoints, leases
+that cannot be renewed, and the metadata that travels with leases, snapshots and
+compatibility results."""
 
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ import pytest
 from llama_actors import (
     ConsumerManifest,
     IncompatibleError,
+    LeaseError,
+    LeaseNotRenewableError,
+    LlamaActorsError,
     Resolution,
     Runtime,
+    UsageError,
 )
 from llama_actors.testing.signals import SignalRecorder
 
@@ -86,3 +92,92 @@ def test_an_embeddings_consumer_is_refused_a_spec_without_embeddings(
 
     assert caught.value.result.reason == "unsupported_protocol"
     assert runtime.instances() == []
+
+
+# -- leases that cannot be renewed ----------------------------------------------------------
+
+
+def test_a_lease_granted_as_not_renewable_refuses_renewal_and_stays_live(
+    runtime: Runtime, fake: Fake
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests", renewable=False)
+    ref = resolution.lease.lease_ref
+
+    with pytest.raises(LeaseNotRenewableError, match="renewable=False") as caught:
+        runtime.renew(ref)
+
+    assert isinstance(caught.value, LeaseError)
+    assert isinstance(caught.value, LlamaActorsError)
+    assert caught.value.lease_ref == ref
+    assert "take a new lease" in str(caught.value)
+    assert resolution.lease.renewable is False
+    assert runtime.snapshot(resolution.instance.instance_id).lease_count == 1
+    assert runtime.release(ref) is True  # it was still live
+
+
+def test_leases_are_renewable_unless_asked_otherwise(runtime: Runtime, fake: Fake) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
+
+    renewed = runtime.renew(resolution.lease.lease_ref)
+
+    assert resolution.lease.renewable is True
+    assert renewed.renewable is True
+
+
+def test_lease_options_of_the_wrong_kind_are_refused_before_anything_starts(
+    runtime: Runtime, fake: Fake
+) -> None:
+    with pytest.raises(UsageError, match="renewable must be True or False"):
+        runtime.resolve_endpoint(fake.spec(), "tests", renewable="no")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="metadata must be a mapping"):
+        runtime.resolve_endpoint(fake.spec(), "tests", metadata=["team"])  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="str keys"):
+        runtime.resolve_endpoint(fake.spec(), "tests", metadata={1: "x"})  # type: ignore[dict-item]
+
+    assert runtime.instances() == []
+
+
+# -- metadata -------------------------------------------------------------------------------
+
+
+def test_a_leases_metadata_is_kept_through_renewal_and_in_its_signals(
+    runtime: Runtime, fake: Fake, recorder: SignalRecorder
+) -> None:
+    resolution = runtime.resolve_endpoint(
+        fake.spec(), "tests", metadata={"team": "search", "request": 7}
+    )
+    iid = resolution.instance.instance_id
+
+    renewed = runtime.renew(resolution.lease.lease_ref)
+
+    assert resolution.lease.metadata == {"team": "search", "request": 7}
+    assert renewed.metadata == {"team": "search", "request": 7}
+    (granted,) = recorder.find("lease_granted", iid)
+    assert granted.payload["lease"].metadata == {"team": "search", "request": 7}
+    other = runtime.resolve_endpoint(fake.spec(), "tests")
+    assert other.lease.metadata == {}
+
+
+def test_a_snapshot_carries_its_specs_metadata(runtime: Runtime, fake: Fake) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(metadata={"owner": "ops", "tier": 2}), "t")
+    iid = resolution.instance.instance_id
+
+    assert resolution.instance.metadata == {"owner": "ops", "tier": 2}
+    assert runtime.snapshot(iid).metadata == {"owner": "ops", "tier": 2}
+    assert [s.metadata for s in runtime.instances()] == [{"owner": "ops", "tier": 2}]
+
+
+def test_a_snapshot_of_a_spec_without_metadata_has_none(runtime: Runtime, fake: Fake) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
+
+    assert resolution.instance.metadata == {}
+
+
+def test_the_compatibility_result_of_a_lease_carries_the_consumers_metadata(
+    runtime: Runtime, fake: Fake
+) -> None:
+    consumer = ConsumerManifest(consumer="svc", metadata={"app": "search", "version": "3"})
+
+    resolved = runtime.resolve_endpoint(fake.spec(), consumer)
+
+    assert resolved.compatibility.metadata == {"app": "search", "version": "3"}

@@ -42,6 +42,8 @@ class ActorFace:
         *,
         owner_ref: str | None = None,
         ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
     ) -> str:
         """Start a resolve; the :class:`~llama_actors.Resolution` (or the error) is
@@ -52,6 +54,8 @@ class ActorFace:
                 consumer,
                 owner_ref=owner_ref,
                 ttl_ms=ttl_ms,
+                renewable=renewable,
+                metadata=metadata,
                 policy=policy,
                 timeout=0.0,
                 reply=self.reply_to,

@@ -189,6 +189,8 @@ class AsyncRuntime:
         *,
         owner_ref: str | None = None,
         ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
     ) -> Resolution:
@@ -203,6 +205,8 @@ class AsyncRuntime:
             consumer,
             owner_ref=owner_ref,
             ttl_ms=ttl_ms,
+            renewable=renewable,
+            metadata=metadata,
             policy=policy,
             timeout=timeout,
             reply=future,

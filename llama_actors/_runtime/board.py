@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState, RuntimeSnapshot
 
@@ -24,6 +26,7 @@ class _Row:
         "last_error",
         "lease_count",
         "log_path",
+        "metadata",
         "phase",
         "pid",
         "port",
@@ -32,9 +35,12 @@ class _Row:
         "state",
     )
 
-    def __init__(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
+    def __init__(
+        self, instance_id: str, instance_key: str, log_path: str | None, metadata: dict[str, Any]
+    ) -> None:
         self.instance_id = instance_id
         self.instance_key = instance_key
+        self.metadata = metadata
         self.state: InstanceState = "starting"
         self.health: Health = "unknown"
         self.phase: str | None = "spawning"
@@ -56,9 +62,18 @@ class StatusBoard:
         self._rows: dict[str, _Row] = {}
         self._ready: dict[str, str] = {}  # instance_key -> the ready instance of it
 
-    def add(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
+    def add(
+        self,
+        instance_id: str,
+        instance_key: str,
+        log_path: str | None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A row for a new instance, with its spec's ``metadata``."""
+        row = _Row(instance_id, instance_key, log_path, dict(metadata or {}))
         with self._lock:
-            self._rows[instance_id] = _Row(instance_id, instance_key, log_path)
+            self._rows[instance_id] = row
 
     def remove(self, instance_id: str) -> None:
         with self._lock:
@@ -190,4 +205,5 @@ class StatusBoard:
             uptime_s=uptime,
             log_path=row.log_path,
             last_error=row.last_error,
+            metadata=dict(row.metadata),
         )

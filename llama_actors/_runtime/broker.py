@@ -140,7 +140,13 @@ class LeaseBroker(RuntimeActor):
                 raise NotReadyError(
                     f"instance {msg.instance_id} is {state}", instance_id=msg.instance_id
                 )
-            lease = self.table.grant(msg.instance_id, msg.owner_ref, msg.ttl_ms)
+            lease = self.table.grant(
+                msg.instance_id,
+                msg.owner_ref,
+                msg.ttl_ms,
+                renewable=msg.renewable,
+                metadata=msg.metadata,
+            )
         except LlamaActorsError as exc:
             if msg.fallback is not None and isinstance(exc, NotReadyError | InstanceNotFoundError):
                 tell(self.ctx.supervisor, msg.fallback)  # it finds or starts a fresh one

@@ -1,8 +1,8 @@
 """Every request of a runtime, built once and sent one way.
 
 As httpx splits building a request from sending it, :class:`Calls` builds each request
-(checked in the caller's thread: spec, consumer, model file, launch plan, TTL) into a
-:class:`Call` and sends it down the one route :func:`route` picks. The three faces of a
+(checked in the caller's thread: spec, consumer, model file, launch plan, lease options)
+into a :class:`Call` and sends it down the one route :func:`route` picks. The three faces of a
 runtime only differ in the reply target they pass and in how they wait for it:
 
 - :class:`~llama_actors.Runtime` passes a ``pykka.ThreadingFuture`` and blocks on it
@@ -41,7 +41,13 @@ from llama_actors._runtime.messages import (
     Resolve,
     StopRequest,
 )
-from llama_actors._runtime.requests import Consumer, check_ttl, prepare, request_id
+from llama_actors._runtime.requests import (
+    Consumer,
+    check_lease_options,
+    check_ttl,
+    prepare,
+    request_id,
+)
 
 __all__ = ["Call", "Calls", "route"]
 
@@ -117,12 +123,15 @@ class Calls:
         *,
         owner_ref: str | None,
         ttl_ms: int | None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None,
         timeout: float,
         reply: Reply,
     ) -> Call:
         self._check_open()
         ttl = check_ttl(self.lease_ttl_ms if ttl_ms is None else ttl_ms)
+        lease_metadata = check_lease_options(renewable, metadata)
         spec, result, plan = prepare(spec, consumer)
         rid = request_id()
         message = Resolve(
@@ -132,6 +141,8 @@ class Calls:
             compatibility=result,
             owner_ref=owner_ref,
             ttl_ms=ttl,
+            renewable=renewable,
+            metadata=lease_metadata,
             policy=policy or self.policy,
             reply=reply,
         )

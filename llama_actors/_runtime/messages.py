@@ -78,6 +78,8 @@ class Resolve(Message, frozen=True, tag=True, kw_only=True):
     compatibility: CompatibilityResult
     owner_ref: str | None
     ttl_ms: int
+    renewable: bool = True
+    metadata: dict[str, Any] = {}
     policy: InstancePolicy
     reply: Any
 
@@ -211,6 +213,8 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
     compatibility: CompatibilityResult
     owner_ref: str | None
     ttl_ms: int
+    renewable: bool = True
+    metadata: dict[str, Any] = {}
     reused: bool
     reply: Any
     fallback: Any = None
@@ -232,6 +236,8 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
             compatibility=msg.compatibility,
             owner_ref=msg.owner_ref,
             ttl_ms=msg.ttl_ms,
+            renewable=msg.renewable,
+            metadata=msg.metadata,
             reused=reused,
             reply=msg.reply,
             fallback=msg,

@@ -18,7 +18,14 @@ from llama_actors._llama.boot_spec import BootSpec, boot_spec
 from llama_actors._llama.render import plan_for
 from llama_actors._process.plan import LaunchPlan, check_model_file
 
-__all__ = ["Consumer", "check_ttl", "consumer_manifest", "prepare", "request_id"]
+__all__ = [
+    "Consumer",
+    "check_lease_options",
+    "check_ttl",
+    "consumer_manifest",
+    "prepare",
+    "request_id",
+]
 
 #: A consumer manifest, a mapping of its fields, or just the consumer's name.
 Consumer = ConsumerManifest | Mapping[str, Any] | str
@@ -59,3 +66,18 @@ def check_ttl(ttl_ms: int) -> int:
     if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
         raise UsageError(f"ttl_ms must be a positive number of milliseconds (got {ttl_ms!r})")
     return ttl_ms
+
+
+def check_lease_options(renewable: bool, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check a lease's ``renewable`` and ``metadata`` (:class:`UsageError` when either is
+    of the wrong kind); returns the metadata as a dict of its own."""
+    if not isinstance(renewable, bool):
+        raise UsageError(f"renewable must be True or False (got {renewable!r})")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise UsageError(
+            f"metadata must be a mapping with str keys, such as {{'team': 'search'}} "
+            f"(got {metadata!r})"
+        )
+    return dict(metadata)

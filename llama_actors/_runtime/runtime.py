@@ -137,12 +137,17 @@ class Runtime:
         *,
         owner_ref: str | None = None,
         ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
     ) -> Resolution:
         """Check compatibility, spawn or reuse the instance for ``spec``, wait until it
         is ready, and lease its endpoint to ``owner_ref`` for ``ttl_ms``.
 
+        The lease carries ``metadata``; with ``renewable=False`` it cannot be renewed.
+        The leased endpoint names the protocol the consumer was matched on
+        (``openai_embeddings`` for an embeddings consumer).
         Concurrent callers with the same identity share one spawn and one readiness
         wait. Raises :class:`IncompatibleError` before anything is spawned,
         :class:`ServerExitedError` or :class:`ReadinessTimeoutError` when the server
@@ -154,6 +159,8 @@ class Runtime:
             consumer,
             owner_ref=owner_ref,
             ttl_ms=ttl_ms,
+            renewable=renewable,
+            metadata=metadata,
             policy=policy,
             timeout=timeout,
             reply=pykka.ThreadingFuture(),
@@ -181,7 +188,8 @@ class Runtime:
     def renew(self, lease_ref: str, ttl_ms: int | None = None) -> Lease:
         """Extend a live lease to now + ``ttl_ms`` (its own TTL by default).
 
-        Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone.
+        Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone,
+        and :class:`LeaseNotRenewableError` for a lease granted with ``renewable=False``.
         """
         lease: Lease = self._calls.wait(
             self._calls.renew(lease_ref, ttl_ms, pykka.ThreadingFuture())

@@ -133,7 +133,9 @@ class Supervisor(RuntimeActor):
     def _create(self, msg: Resolve | Ensure) -> str:
         spec, policy = msg.spec, msg.policy
         iid = f"{_slug(spec.alias)}-{secrets.token_hex(3)}"
-        self.ctx.board.add(iid, spec.instance_key, str(self.ctx.log_path(iid)))
+        self.ctx.board.add(
+            iid, spec.instance_key, str(self.ctx.log_path(iid)), metadata=spec.metadata
+        )
         ref = BackendActor.start(
             instance_id=iid, spec=spec, plan=msg.plan, policy=policy, context=self.ctx
         )
