@@ -18,6 +18,7 @@ from llama_actors._kernel.manifest import (
 from llama_actors._kernel.policy import InstancePolicy, RestartPolicy
 from llama_actors._kernel.types import (
     EndpointDescriptor,
+    Ensured,
     Health,
     InstanceState,
     Lease,
@@ -42,6 +43,7 @@ __all__ = [
     "Config",
     "ConsumerManifest",
     "EndpointDescriptor",
+    "Ensured",
     "Health",
     "InstancePolicy",
     "InstanceState",

@@ -1,17 +1,22 @@
 """The contract's lease options on the fake llama-server: embeddings endpoints, leases
-that cannot be renewed, and the metadata that travels with leases, snapshots and
-compatibility results."""
+that cannot be renewed, the metadata that travels with leases, snapshots and
+compatibility results, and what ensure_instance says."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pykka
 import pytest
 
 from llama_actors import (
+    AsyncRuntime,
     ConsumerManifest,
+    Ensured,
     IncompatibleError,
     LeaseError,
     LeaseNotRenewableError,
@@ -22,7 +27,7 @@ from llama_actors import (
 )
 from llama_actors.testing.signals import SignalRecorder
 
-from ._helpers import Fake
+from ._helpers import WAIT, Fake
 
 EMBEDDER = ConsumerManifest(consumer="embedder", accepted_protocols=("openai_embeddings",))
 
@@ -181,3 +186,38 @@ def test_the_compatibility_result_of_a_lease_carries_the_consumers_metadata(
     resolved = runtime.resolve_endpoint(fake.spec(), consumer)
 
     assert resolved.compatibility.metadata == {"app": "search", "version": "3"}
+
+
+# -- ensure_instance says whether it reused ---------------------------------------------------
+
+
+def test_ensure_instance_says_whether_it_started_the_instance_on_every_face(
+    runtime: Runtime, fake: Fake
+) -> None:
+    first = runtime.ensure_instance(fake.spec())
+
+    async def main() -> Ensured:
+        return await AsyncRuntime.wrap(runtime).ensure_instance(fake.spec(), timeout=WAIT)
+
+    by_await = asyncio.run(main())
+    answer: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
+    runtime.actor_face(answer).ensure_instance(fake.spec())
+    by_actor = answer.get(timeout=WAIT)
+
+    assert isinstance(first, Ensured)
+    assert first.reused is False
+    assert first.instance.state == "ready"
+    assert isinstance(by_actor, Ensured)
+    assert (by_await.reused, by_actor.reused) == (True, True)
+    assert by_await.instance.instance_id == by_actor.instance.instance_id
+
+
+def test_concurrent_ensures_of_one_identity_report_exactly_one_start(
+    runtime: Runtime, fake: Fake
+) -> None:
+    spec = fake.spec({"load_seconds": "0.5"})
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: runtime.ensure_instance(spec), range(4)))
+
+    assert [r.reused for r in results].count(False) == 1
+    assert len({r.instance.instance_id for r in results}) == 1

@@ -21,10 +21,10 @@ PACKAGE = Path(llama_actors.__file__).parent
 #: What a service author uses. Adding a name here is a decision about the public API.
 PUBLIC = {
     "ActorFace", "AsyncRuntime", "BackendManifest", "BootSpec", "CompatibilityResult", "Config",
-    "ConsumerManifest", "EndpointDescriptor", "Health", "InstancePolicy", "InstanceState",
-    "Lease", "Replied", "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot",
-    "RuntimeStatistics", "SignalEvent", "SignalStream", "boot_spec", "compatibility",
-    "load_config", "lowlevel", "parse_config", "signal_stream", "signals",
+    "ConsumerManifest", "EndpointDescriptor", "Ensured", "Health", "InstancePolicy",
+    "InstanceState", "Lease", "Replied", "Resolution", "RestartPolicy", "Runtime",
+    "RuntimeSnapshot", "RuntimeStatistics", "SignalEvent", "SignalStream", "boot_spec",
+    "compatibility", "load_config", "lowlevel", "parse_config", "signal_stream", "signals",
 }  # fmt: skip
 #: The plumbing, documented in llama_actors.lowlevel.
 LOWLEVEL = {

@@ -65,7 +65,8 @@ class ActorFace:
     def ensure_instance(
         self, spec: BootSpec | Mapping[str, Any], *, policy: InstancePolicy | None = None
     ) -> str:
-        """Like :meth:`resolve_endpoint` without a lease; the answer is a snapshot."""
+        """Like :meth:`resolve_endpoint` without a lease; the answer is an
+        :class:`~llama_actors.Ensured`."""
         return self._send(self._calls.ensure(spec, policy=policy, timeout=0.0, reply=self.reply_to))
 
     def renew(self, lease_ref: str, ttl_ms: int | None = None) -> str:

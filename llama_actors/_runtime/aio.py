@@ -43,6 +43,7 @@ from llama_actors._exceptions import LlamaActorsError, SignalOverflowError, Usag
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import (
     EndpointDescriptor,
+    Ensured,
     Lease,
     Resolution,
     RuntimeSnapshot,
@@ -220,14 +221,14 @@ class AsyncRuntime:
         *,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
-    ) -> RuntimeSnapshot:
+    ) -> Ensured:
         """:meth:`Runtime.ensure_instance`, awaitable: a ready instance, without a lease."""
-        future: _LoopFuture[RuntimeSnapshot] = _LoopFuture(asyncio.get_running_loop())
+        future: _LoopFuture[Ensured] = _LoopFuture(asyncio.get_running_loop())
         call = await asyncio.to_thread(
             self._calls.ensure, spec, policy=policy, timeout=timeout, reply=future
         )
-        snapshot: RuntimeSnapshot = await self._wait(call, future)
-        return snapshot
+        ensured: Ensured = await self._wait(call, future)
+        return ensured
 
     # -- leases -------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.probe_client import ProbeClient
 from llama_actors._kernel.types import (
     EndpointDescriptor,
+    Ensured,
     Lease,
     Resolution,
     RuntimeSnapshot,
@@ -174,14 +175,14 @@ class Runtime:
         *,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
-    ) -> RuntimeSnapshot:
+    ) -> Ensured:
         """Spawn or reuse the instance for ``spec`` and wait until it is ready, without
-        taking a lease. Returns its snapshot."""
+        taking a lease. Returns its snapshot and whether it was already there."""
         call = self._calls.ensure(
             spec, policy=policy, timeout=timeout, reply=pykka.ThreadingFuture()
         )
-        snapshot: RuntimeSnapshot = self._calls.wait(call)
-        return snapshot
+        ensured: Ensured = self._calls.wait(call)
+        return ensured
 
     # -- leases -------------------------------------------------------------------------
 

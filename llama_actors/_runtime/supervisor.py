@@ -22,6 +22,7 @@ from llama_actors._exceptions import (
     RuntimeClosedError,
 )
 from llama_actors._kernel.policy import InstancePolicy
+from llama_actors._kernel.types import Ensured
 from llama_actors._llama.boot_spec import BootSpec
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.backend import BackendActor
@@ -154,7 +155,13 @@ class Supervisor(RuntimeActor):
             case Resolve():
                 tell(self.ctx.broker, GrantLease.for_resolve(msg, iid, endpoint, reused=reused))
             case Ensure():
-                deliver(msg.reply, msg.request_id, value=self.ctx.board.snapshot(iid))
+                snapshot = self.ctx.board.snapshot(iid)
+                if snapshot is None:
+                    error = InstanceNotFoundError(f"no instance {iid}", instance_id=iid)
+                    deliver(msg.reply, msg.request_id, error=error)
+                else:
+                    ensured = Ensured(instance=snapshot, reused=reused)
+                    deliver(msg.reply, msg.request_id, value=ensured)
 
     def _cancel(self, request_id: str) -> None:
         for inst in self.registry.values():
