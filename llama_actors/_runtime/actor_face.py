@@ -62,6 +62,32 @@ class ActorFace:
             )
         )
 
+    def lease_instance(
+        self,
+        instance_id: str,
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Lease a running instance by id (:meth:`Runtime.lease_instance`); the
+        :class:`~llama_actors.Resolution` (or the error) is told to ``reply_to`` once
+        it is ready. Returns the request id the answer carries."""
+        return self._send(
+            self._calls.lease_instance(
+                instance_id,
+                consumer,
+                owner_ref=owner_ref,
+                ttl_ms=ttl_ms,
+                renewable=renewable,
+                metadata=metadata,
+                timeout=0.0,
+                reply=self.reply_to,
+            )
+        )
+
     def ensure_instance(
         self, spec: BootSpec | Mapping[str, Any], *, policy: InstancePolicy | None = None
     ) -> str:

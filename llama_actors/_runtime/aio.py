@@ -215,6 +215,34 @@ class AsyncRuntime:
         resolution: Resolution = await self._wait(call, future)
         return resolution
 
+    async def lease_instance(
+        self,
+        instance_id: str,
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> Resolution:
+        """:meth:`Runtime.lease_instance`, awaitable: lease a running instance by id,
+        once it is ready."""
+        future: _LoopFuture[Resolution] = _LoopFuture(asyncio.get_running_loop())
+        # Checked on the loop: it reads the status board and probes nothing.
+        call = self._calls.lease_instance(
+            instance_id,
+            consumer,
+            owner_ref=owner_ref,
+            ttl_ms=ttl_ms,
+            renewable=renewable,
+            metadata=metadata,
+            timeout=timeout,
+            reply=future,
+        )
+        resolution: Resolution = await self._wait(call, future)
+        return resolution
+
     async def ensure_instance(
         self,
         spec: BootSpec | Mapping[str, Any],

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from llama_actors._kernel.manifest import BackendManifest
 from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState, RuntimeSnapshot
 
 __all__ = ["StatusBoard"]
@@ -26,6 +27,7 @@ class _Row:
         "last_error",
         "lease_count",
         "log_path",
+        "manifest",
         "metadata",
         "phase",
         "pid",
@@ -36,10 +38,16 @@ class _Row:
     )
 
     def __init__(
-        self, instance_id: str, instance_key: str, log_path: str | None, metadata: dict[str, Any]
+        self,
+        instance_id: str,
+        instance_key: str,
+        log_path: str | None,
+        manifest: BackendManifest | None,
+        metadata: dict[str, Any],
     ) -> None:
         self.instance_id = instance_id
         self.instance_key = instance_key
+        self.manifest = manifest
         self.metadata = metadata
         self.state: InstanceState = "starting"
         self.health: Health = "unknown"
@@ -68,10 +76,12 @@ class StatusBoard:
         instance_key: str,
         log_path: str | None,
         *,
+        manifest: BackendManifest | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        """A row for a new instance, with its spec's ``metadata``."""
-        row = _Row(instance_id, instance_key, log_path, dict(metadata or {}))
+        """A row for a new instance: what its backend offers (``manifest``, which
+        ``lease_instance`` checks consumers against) and its spec's ``metadata``."""
+        row = _Row(instance_id, instance_key, log_path, manifest, dict(metadata or {}))
         with self._lock:
             self._rows[instance_id] = row
 
@@ -162,6 +172,18 @@ class StatusBoard:
             if row is None or row.endpoint is None or row.state != "ready":
                 return None
             return row.instance_id, row.endpoint
+
+    def endpoint_if_ready(self, instance_id: str) -> EndpointDescriptor | None:
+        """The endpoint of ``instance_id`` while it is ready, else None."""
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return row.endpoint if row is not None and row.state == "ready" else None
+
+    def manifest(self, instance_id: str) -> BackendManifest | None:
+        """What the instance's backend offers, or None if there is no such instance."""
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else row.manifest
 
     def state(self, instance_id: str) -> InstanceState | None:
         """The instance's state, or None if there is no such instance."""

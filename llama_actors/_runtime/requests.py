@@ -7,8 +7,14 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from llama_actors._exceptions import IncompatibleError, UsageError
+from llama_actors._exceptions import (
+    IncompatibleError,
+    InstanceNotFoundError,
+    NotReadyError,
+    UsageError,
+)
 from llama_actors._kernel.manifest import (
+    BackendManifest,
     CompatibilityResult,
     ConsumerManifest,
     compatibility,
@@ -20,9 +26,12 @@ from llama_actors._process.plan import LaunchPlan, check_model_file
 
 __all__ = [
     "Consumer",
+    "check_consumer",
     "check_lease_options",
     "check_ttl",
     "consumer_manifest",
+    "instance_not_found",
+    "no_new_leases",
     "prepare",
     "request_id",
 ]
@@ -68,6 +77,15 @@ def check_ttl(ttl_ms: int) -> int:
     return ttl_ms
 
 
+def check_consumer(consumer: Consumer | None, manifest: BackendManifest) -> CompatibilityResult:
+    """``consumer`` checked against what a backend offers; :class:`IncompatibleError` if
+    it cannot use it."""
+    result = compatibility(consumer_manifest(consumer), manifest)
+    if not result.compatible:
+        raise IncompatibleError(result)
+    return result
+
+
 def check_lease_options(renewable: bool, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """Check a lease's ``renewable`` and ``metadata`` (:class:`UsageError` when either is
     of the wrong kind); returns the metadata as a dict of its own."""
@@ -81,3 +99,20 @@ def check_lease_options(renewable: bool, metadata: Mapping[str, Any] | None) -> 
             f"(got {metadata!r})"
         )
     return dict(metadata)
+
+
+def instance_not_found(instance_id: str) -> InstanceNotFoundError:
+    return InstanceNotFoundError(
+        f"no instance {instance_id!r} in this runtime; see Runtime.instances()",
+        instance_id=instance_id,
+    )
+
+
+def no_new_leases(instance_id: str, state: str) -> NotReadyError:
+    """The refusal of a lease on an instance that is going or gone."""
+    how = {"failed": "has failed", "stopped": "has stopped"}.get(state, "is stopping")
+    return NotReadyError(
+        f"instance {instance_id} {how} and takes no new leases; resolve_endpoint(spec) "
+        "starts a fresh instance of its spec",
+        instance_id=instance_id,
+    )

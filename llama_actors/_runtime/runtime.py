@@ -169,6 +169,38 @@ class Runtime:
         resolution: Resolution = self._calls.wait(call)
         return resolution
 
+    def lease_instance(
+        self,
+        instance_id: str,
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> Resolution:
+        """Lease the running instance ``instance_id`` (from :meth:`ensure_instance` or
+        :meth:`instances`), as :meth:`resolve_endpoint` leases the instance of a spec.
+
+        ``consumer`` is checked against that instance's backend manifest
+        (:class:`IncompatibleError`). An instance still starting is waited for, up to
+        ``timeout``; an unknown one raises :class:`InstanceNotFoundError`, and one that
+        is stopping, stopped or failed :class:`NotReadyError`. ``reused`` is True.
+        """
+        call = self._calls.lease_instance(
+            instance_id,
+            consumer,
+            owner_ref=owner_ref,
+            ttl_ms=ttl_ms,
+            renewable=renewable,
+            metadata=metadata,
+            timeout=timeout,
+            reply=pykka.ThreadingFuture(),
+        )
+        resolution: Resolution = self._calls.wait(call)
+        return resolution
+
     def ensure_instance(
         self,
         spec: BootSpec | Mapping[str, Any],
