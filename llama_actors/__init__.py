@@ -23,6 +23,7 @@ from llama_actors._kernel.manifest import BackendManifest, CompatibilityResult, 
 from llama_actors._kernel.policy import InstancePolicy, RestartPolicy
 from llama_actors._kernel.types import (
     EndpointDescriptor,
+    Ensured,
     Health,
     InstanceState,
     Lease,
@@ -51,6 +52,7 @@ __all__ = [
     "Config",
     "ConsumerManifest",
     "EndpointDescriptor",
+    "Ensured",
     "ExitVerdict",
     "Health",
     "InstancePolicy",

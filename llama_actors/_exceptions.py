@@ -23,7 +23,8 @@ wrong, with which value (secrets masked), and what to do about it::
     │   └── InstanceFailedError    supervision gave up on it (``reason`` says why)
     ├── LeaseError               about one lease (``lease_ref``)
     │   ├── LeaseNotFoundError     unknown, released, or ended with its instance
-    │   └── LeaseExpiredError      its TTL ran out before it was renewed
+    │   ├── LeaseExpiredError      its TTL ran out before it was renewed
+    │   └── LeaseNotRenewableError it was granted with ``renewable=False``
     ├── RuntimeClosedError       the runtime was closed
     ├── SignalOverflowError      a signal stream's consumer fell too far behind
     ├── MetricsUnavailableError  prometheus-client is missing (also an ``ImportError``)
@@ -51,6 +52,7 @@ __all__ = [
     "LeaseError",
     "LeaseExpiredError",
     "LeaseNotFoundError",
+    "LeaseNotRenewableError",
     "LlamaActorsError",
     "ManifestError",
     "MetricsUnavailableError",
@@ -243,6 +245,10 @@ class LeaseNotFoundError(LeaseError):
 
 class LeaseExpiredError(LeaseError):
     """The lease's TTL ran out before it was renewed; it is gone."""
+
+
+class LeaseNotRenewableError(LeaseError):
+    """A renew of a lease granted with ``renewable=False``; the lease itself stays live."""
 
 
 class RuntimeClosedError(LlamaActorsError):

@@ -147,8 +147,9 @@ def test_resolve_renew_release_and_stop_work_when_awaited(runtime: Runtime, fake
 def test_ensure_instance_and_wait_healthy_are_awaitable(runtime: Runtime, fake: Fake) -> None:
     async def main() -> None:
         rt = AsyncRuntime.wrap(runtime)
-        snap = await rt.ensure_instance(fake.spec(), timeout=WAIT)
-        iid = snap.instance_id
+        ensured = await rt.ensure_instance(fake.spec(), timeout=WAIT)
+        snap, iid = ensured.instance, ensured.instance.instance_id
+        assert ensured.reused is False
         assert (snap.state, snap.lease_count) == ("ready", 0)
         assert (await rt.wait_healthy(iid, timeout=WAIT)).health == "healthy"
 
@@ -218,7 +219,7 @@ def test_a_task_cancelled_after_its_lease_was_granted_releases_it(
 
     async def main() -> str:
         rt = AsyncRuntime.wrap(runtime)
-        iid = (await rt.ensure_instance(spec, timeout=WAIT)).instance_id
+        iid = (await rt.ensure_instance(spec, timeout=WAIT)).instance.instance_id
         async with signal_stream("lease_granted", "lease_released", instance_id=iid) as events:
             # The lease is granted, and the task is cancelled before it has taken the
             # answer: the runtime hears of the cancellation and ends the lease.
@@ -263,7 +264,7 @@ def test_a_wrapped_runtime_stays_open_after_async_with_for_its_owner_to_close(
     async def main() -> str:
         async with AsyncRuntime.wrap(runtime) as rt:
             assert rt.runtime is runtime
-            return (await rt.ensure_instance(fake.spec(), timeout=WAIT)).instance_id
+            return (await rt.ensure_instance(fake.spec(), timeout=WAIT)).instance.instance_id
 
     iid = asyncio.run(main())
 
@@ -325,7 +326,7 @@ def test_a_stream_for_one_instance_sees_only_that_instance(
 
     async def main() -> tuple[str, list[SignalEvent]]:
         rt = AsyncRuntime.wrap(runtime)
-        iid = (await rt.ensure_instance(one.spec(), timeout=WAIT)).instance_id
+        iid = (await rt.ensure_instance(one.spec(), timeout=WAIT)).instance.instance_id
         seen: list[SignalEvent] = []
         async with signal_stream(instance_id=iid) as events:
             await rt.resolve_endpoint(two.spec(), "tests", timeout=WAIT)

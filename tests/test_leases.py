@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from llama_actors import LeaseExpiredError, LeaseNotFoundError, NotReadyError, UsageError
+from llama_actors import (
+    LeaseExpiredError,
+    LeaseNotFoundError,
+    LeaseNotRenewableError,
+    NotReadyError,
+    UsageError,
+)
 from llama_actors._kernel.leases import LeaseTable
 
 
@@ -78,10 +84,39 @@ def test_renew_with_a_ttl_that_is_not_positive_is_rejected(table: LeaseTable) ->
     assert table.get(lease.lease_ref) == lease
 
 
-def test_a_lease_granted_as_not_renewable_cannot_be_renewed(table: LeaseTable) -> None:
+def test_a_lease_granted_as_not_renewable_cannot_be_renewed_and_stays_live(
+    table: LeaseTable, clock: FakeClock
+) -> None:
     lease = table.grant("chat-1", None, ttl_ms=10_000, renewable=False)
-    with pytest.raises(LeaseNotFoundError, match="not renewable"):
+    clock.now = 105.0
+    with pytest.raises(LeaseNotRenewableError, match=r"renewable=False.*take a new lease"):
         table.renew(lease.lease_ref)
+    assert table.get(lease.lease_ref) == lease
+    assert table.count("chat-1") == 1
+    assert table.next_expiry() == 110.0
+
+
+def test_renewing_a_not_renewable_lease_past_its_ttl_says_it_expired(
+    table: LeaseTable, clock: FakeClock
+) -> None:
+    lease = table.grant("chat-1", None, ttl_ms=10_000, renewable=False)
+    clock.now = 111.0
+    with pytest.raises(LeaseExpiredError):
+        table.renew(lease.lease_ref)
+
+
+def test_a_leases_metadata_is_its_own_copy_and_survives_renewal(
+    table: LeaseTable, clock: FakeClock
+) -> None:
+    given = {"team": "search"}
+    lease = table.grant("chat-1", None, ttl_ms=10_000, metadata=given)
+    given["team"] = "changed"
+    clock.now = 105.0
+    renewed = table.renew(lease.lease_ref, ttl_ms=20_000)
+    assert lease.metadata == {"team": "search"}
+    assert renewed.metadata == {"team": "search"}
+    assert (renewed.ttl_ms, renewed.expires_at, renewed.granted_at) == (20_000, 125.0, 100.0)
+    assert table.grant("chat-1", None, ttl_ms=1_000).metadata == {}
 
 
 def test_next_expiry_follows_a_renewal(table: LeaseTable, clock: FakeClock) -> None:

@@ -39,6 +39,7 @@ def test_the_llama_manifest_is_the_contracts() -> None:
         "placement": "model_dependent",
         "gpu": "optional",
     }
+    assert manifest.metadata == {}
 
 
 def test_a_spec_with_embeddings_adds_the_embeddings_protocol() -> None:
@@ -138,3 +139,15 @@ def test_incompatible_error_carries_the_result() -> None:
     error = IncompatibleError(result)
     assert error.result is result
     assert "runtime_kind_mismatch" in str(error)
+
+
+def test_the_result_carries_the_consumers_metadata_whether_it_matches_or_not() -> None:
+    who = {"app": "search", "version": 3}
+    matched = compatibility(consumer(metadata=who))
+    refused = compatibility(consumer(metadata=who, accepted_runtime_kinds=("batch",)))
+
+    assert matched.compatible
+    assert matched.metadata == who
+    assert not refused.compatible
+    assert refused.metadata == who
+    assert compatibility(consumer()).metadata == {}

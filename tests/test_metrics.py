@@ -213,11 +213,11 @@ def test_a_stopped_instance_shows_stopped_and_disappears_once_the_runtime_forget
     runtime: Runtime, tmp_path: Path, server: MetricsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("llama_actors._runtime.supervisor.KEEP_FINISHED", 1)
-    first = runtime.ensure_instance(Fake(tmp_path / "a").spec()).instance_id
+    first = runtime.ensure_instance(Fake(tmp_path / "a").spec()).instance.instance_id
     runtime.stop_instance(first)
     assert scrape(server).value("llama_actors_instance_state", instance_id=first, state="stopped")
 
-    second = runtime.ensure_instance(Fake(tmp_path / "b").spec()).instance_id
+    second = runtime.ensure_instance(Fake(tmp_path / "b").spec()).instance.instance_id
     runtime.stop_instance(second)
 
     got = scrape(server)

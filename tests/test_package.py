@@ -22,11 +22,11 @@ PACKAGE = Path(llama_actors.__file__).parent
 PUBLIC = {
     "ActorFace", "AsyncRuntime", "AttachSpec", "Backend", "BackendBase", "BackendManifest",
     "BackendSpec", "BootSpec", "CompatibilityResult", "Config", "ConsumerManifest",
-    "EndpointDescriptor", "ExitVerdict", "Health", "InstancePolicy", "InstanceState", "Lease",
-    "Replied", "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot", "RuntimeStatistics",
-    "SignalEvent", "SignalStream", "attach_spec", "backend_manifest", "backends", "boot_spec",
-    "compatibility", "load_config", "lowlevel", "parse_config", "register_backend",
-    "signal_stream", "signals", "unregister_backend", "validate_spec",
+    "EndpointDescriptor", "Ensured", "ExitVerdict", "Health", "InstancePolicy", "InstanceState",
+    "Lease", "Replied", "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot",
+    "RuntimeStatistics", "SignalEvent", "SignalStream", "attach_spec", "backend_manifest",
+    "backends", "boot_spec", "compatibility", "load_config", "lowlevel", "parse_config",
+    "register_backend", "signal_stream", "signals", "unregister_backend", "validate_spec",
 }  # fmt: skip
 #: The plumbing, documented in llama_actors.lowlevel.
 LOWLEVEL = {

@@ -151,7 +151,7 @@ def test_a_snapshot_says_which_phase_a_starting_instance_is_in(
             never.wait(0.01)
             phases.add(runtime.snapshot(iid).phase)
         fake.set(never_ready=False)
-        ready = pending.result(WAIT)
+        ready = pending.result(WAIT).instance
 
     assert "loading" in phases
     assert phases <= {"spawning", "spawned", "loading", "connecting", "waiting"}
@@ -586,7 +586,7 @@ def test_unknown_instances_and_not_ready_instances_raise_clear_errors(
         runtime.snapshot("nope")
     with pytest.raises(InstanceNotFoundError):
         runtime.stop_instance("nope")
-    snap = runtime.ensure_instance(fake.spec())
+    snap = runtime.ensure_instance(fake.spec()).instance
     runtime.stop_instance(snap.instance_id)
     with pytest.raises(NotReadyError, match="stopped"):
         runtime.published_endpoint(snap.instance_id)
@@ -625,7 +625,7 @@ def test_a_receiver_that_raises_does_not_break_the_runtime(
 
 def test_signals_can_be_filtered_by_instance_id(runtime: Runtime, tmp_path: Path) -> None:
     seen: list[str] = []
-    one = runtime.ensure_instance(Fake(tmp_path / "one").spec())
+    one = runtime.ensure_instance(Fake(tmp_path / "one").spec()).instance
 
     def record(sender: str, **payload: Any) -> None:
         seen.append(payload["instance_id"])
@@ -720,11 +720,16 @@ def test_a_renew_of_an_unknown_lease_through_the_actor_face_is_answered_with_the
         answer.get(timeout=5)
 
 
-def test_ensure_instance_starts_a_server_without_a_lease(runtime: Runtime, fake: Fake) -> None:
-    snap = runtime.ensure_instance(fake.spec())
+def test_ensure_instance_starts_a_server_without_a_lease_and_says_it_did(
+    runtime: Runtime, fake: Fake
+) -> None:
+    ensured = runtime.ensure_instance(fake.spec())
+    snap = ensured.instance
 
+    assert ensured.reused is False
     assert (snap.state, snap.health, snap.lease_count) == ("ready", "healthy", 0)
-    assert runtime.ensure_instance(fake.spec()).instance_id == snap.instance_id
+    again = runtime.ensure_instance(fake.spec())
+    assert (again.reused, again.instance.instance_id) == (True, snap.instance_id)
 
 
 def test_only_the_newest_finished_instances_stay_visible(
@@ -733,7 +738,7 @@ def test_only_the_newest_finished_instances_stay_visible(
     monkeypatch.setattr("llama_actors._runtime.supervisor.KEEP_FINISHED", 1)
     ids = []
     for name in ("a", "b", "c"):
-        snap = runtime.ensure_instance(Fake(tmp_path / name).spec())
+        snap = runtime.ensure_instance(Fake(tmp_path / name).spec()).instance
         runtime.stop_instance(snap.instance_id)
         ids.append(snap.instance_id)
 
@@ -747,7 +752,7 @@ def test_statistics_count_instances_by_state_and_health_with_leases_and_restarts
 ) -> None:
     one = runtime.resolve_endpoint(Fake(tmp_path / "one").spec(), "tests")
     runtime.resolve_endpoint(Fake(tmp_path / "one").spec(), "tests")
-    two = runtime.ensure_instance(Fake(tmp_path / "two").spec())
+    two = runtime.ensure_instance(Fake(tmp_path / "two").spec()).instance
     runtime.stop_instance(two.instance_id)
 
     stats = runtime.statistics()

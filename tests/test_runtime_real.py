@@ -343,3 +343,33 @@ def test_an_endpoint_under_an_api_prefix_chats_and_its_health_probe_passes_with_
         assert runtime.release(resolution.lease.lease_ref) is True
 
     assert_gone([snapshot.pid], tmp_path / "state", [key_file])
+
+
+def test_an_embeddings_consumer_gets_vectors_and_a_chat_consumer_of_its_spec_a_chat_endpoint(
+    tmp_path: Path, spec: dict[str, Any], client: httpx.Client
+) -> None:
+    embedder = llama_actors.ConsumerManifest(
+        consumer="embedder", accepted_protocols=("openai_embeddings",)
+    )
+    embedding_spec = {**spec, "embeddings": True, "pooling": "mean"}
+    with llama_actors.Runtime(state_dir=tmp_path / "state") as runtime:
+        embedding = runtime.resolve_endpoint(embedding_spec, embedder, owner_ref="embedder")
+        talker = runtime.resolve_endpoint(embedding_spec, "talker", owner_ref="talker")
+        endpoint = embedding.endpoint
+
+        assert endpoint.protocol == "openai_embeddings"
+        assert talker.endpoint.protocol == "openai_chat_completions"
+        assert talker.reused is True
+        assert talker.instance.instance_id == embedding.instance.instance_id
+        assert talker.endpoint.base_url == endpoint.base_url
+        assert runtime.snapshot(embedding.instance.instance_id).lease_count == 2
+
+        url = endpoint.base_url + "/embeddings"
+        reply = client.post(url, headers=endpoint.headers, json={"input": ["red", "blue"]})
+        assert reply.status_code == 200, reply.text
+        vectors = [item["embedding"] for item in reply.json()["data"]]
+        assert len(vectors) == 2
+        assert len(vectors[0]) == len(vectors[1]) > 0
+        assert vectors[0] != vectors[1]
+        assert client.post(url, json={"input": "red"}).status_code == 401
+        assert chat(client, talker.endpoint)["usage"]["completion_tokens"] >= 1

@@ -213,7 +213,7 @@ def test_closing_the_runtime_removes_the_key_files_of_every_instance(tmp_path: P
     try:
         files = []
         for name in ("one", "two"):
-            snap = runtime.ensure_instance(fake_spec(tmp_path / name, api_key=KEY))
+            snap = runtime.ensure_instance(fake_spec(tmp_path / name, api_key=KEY)).instance
             assert snap.pid is not None
             files.append(key_file_of(snap.pid))
         for path in files:

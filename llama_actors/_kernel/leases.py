@@ -11,12 +11,16 @@ import heapq
 import itertools
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
 
 from llama_actors._base.units import seconds
 from llama_actors._exceptions import (
     LeaseExpiredError,
     LeaseNotFoundError,
+    LeaseNotRenewableError,
     NotReadyError,
     UsageError,
 )
@@ -78,7 +82,13 @@ class LeaseTable:
         self._closed.pop(instance_id, None)
 
     def grant(
-        self, instance_id: str, owner_ref: str | None, ttl_ms: int, *, renewable: bool = True
+        self,
+        instance_id: str,
+        owner_ref: str | None,
+        ttl_ms: int,
+        *,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
     ) -> Lease:
         if ttl_ms <= 0:
             raise _bad_ttl(ttl_ms)
@@ -97,6 +107,7 @@ class LeaseTable:
             renewable=renewable,
             granted_at=now,
             expires_at=now + seconds(ttl_ms),
+            metadata=dict(metadata or {}),
         )
         self._put(lease)
         return lease
@@ -105,22 +116,17 @@ class LeaseTable:
         """Extend a live lease to ``now + ttl`` (its own TTL when ``ttl_ms`` is None)."""
         lease = self._live_or_raise(lease_ref)
         if not lease.renewable:
-            raise LeaseNotFoundError(
-                f"lease {lease_ref} was granted as not renewable; resolve again for a new one",
+            raise LeaseNotRenewableError(
+                f"lease {lease_ref} was granted with renewable=False, so it cannot be renewed; "
+                "it stays live until its TTL runs out or it is released. For more time, take "
+                "a new lease before then (resolve_endpoint or lease_instance)",
                 lease_ref=lease_ref,
             )
         ttl = lease.ttl_ms if ttl_ms is None else ttl_ms
         if ttl <= 0:
             raise _bad_ttl(ttl)
-        now = self._clock()
-        renewed = Lease(
-            lease_ref=lease.lease_ref,
-            instance_id=lease.instance_id,
-            owner_ref=lease.owner_ref,
-            ttl_ms=ttl,
-            renewable=lease.renewable,
-            granted_at=lease.granted_at,
-            expires_at=now + seconds(ttl),
+        renewed = msgspec.structs.replace(
+            lease, ttl_ms=ttl, expires_at=self._clock() + seconds(ttl)
         )
         self._put(renewed)
         return renewed

@@ -32,7 +32,7 @@ FailureReason = Literal[
 
 class BackendManifest(msgspec.Struct, frozen=True, kw_only=True):
     """What a backend offers (``llama_actors.backend_manifest(name)`` gives a registered
-    backend's)."""
+    backend's). ``metadata`` is free-form, for the backend's own notes."""
 
     contract_version: str = CONTRACT_VERSION
     backend: str
@@ -43,6 +43,7 @@ class BackendManifest(msgspec.Struct, frozen=True, kw_only=True):
     capabilities: dict[str, Capability]
     supported_surfaces: tuple[str, ...]
     resource_profile: dict[str, str]
+    metadata: dict[str, Any] = {}
 
 
 class ConsumerManifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,7 +75,8 @@ class ConsumerManifest(msgspec.Struct, frozen=True, kw_only=True):
 
 class CompatibilityResult(msgspec.Struct, frozen=True, kw_only=True):
     """The outcome of :func:`compatibility`. ``reason`` is None when compatible;
-    ``backend_unregistered`` when the spec names a backend nobody registered."""
+    ``backend_unregistered`` when the spec names a backend nobody registered.
+    ``metadata`` is the consumer's, so whoever holds the result knows who asked."""
 
     compatible: bool
     reason: FailureReason | None = None
@@ -84,6 +86,7 @@ class CompatibilityResult(msgspec.Struct, frozen=True, kw_only=True):
     runtime_kind: str | None = None
     management_mode: str | None = None
     protocol: str | None = None
+    metadata: dict[str, Any] = {}
 
 
 def _same(a: Capability, b: Capability) -> bool:
@@ -100,11 +103,18 @@ def compatibility(
     """
     if not isinstance(consumer, ConsumerManifest):
         consumer = ConsumerManifest.from_mapping(consumer)
+    metadata = consumer.metadata
 
     def fail(
         reason: FailureReason, detail: str, missing: tuple[str, ...] = ()
     ) -> CompatibilityResult:
-        return CompatibilityResult(compatible=False, reason=reason, detail=detail, missing=missing)
+        return CompatibilityResult(
+            compatible=False,
+            reason=reason,
+            detail=detail,
+            missing=missing,
+            metadata=dict(metadata),
+        )
 
     if backend.runtime_kind not in consumer.accepted_runtime_kinds:
         return fail(
@@ -164,4 +174,5 @@ def compatibility(
         runtime_kind=backend.runtime_kind,
         management_mode=mode,
         protocol=protocol,
+        metadata=dict(metadata),
     )

@@ -12,6 +12,7 @@ from llama_actors._kernel.manifest import CONTRACT_VERSION, CompatibilityResult
 __all__ = [
     "EndpointDescriptor",
     "EndpointUrls",
+    "Ensured",
     "Health",
     "InstanceState",
     "Lease",
@@ -78,7 +79,11 @@ class EndpointDescriptor(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
-    """A caller's claim on an endpoint until ``expires_at`` (seconds on the runtime clock)."""
+    """A caller's claim on an endpoint until ``expires_at`` (seconds on the runtime clock).
+
+    ``renewable`` False means ``renew`` refuses it; ``metadata`` is what the caller
+    passed with the request, kept as given.
+    """
 
     lease_ref: str
     instance_id: str
@@ -87,6 +92,7 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
     renewable: bool = True
     granted_at: float
     expires_at: float
+    metadata: dict[str, Any] = {}
 
 
 class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +103,7 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     it listens, or it answers "Loading model"), ``connecting`` (nothing answers on the
     port yet), ``waiting``
     (it answers, but not ready yet) or ``backoff`` (waiting to be restarted).
+    ``metadata`` is the spec's own ``metadata``.
     """
 
     instance_id: str
@@ -111,6 +118,7 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     uptime_s: float | None = None
     log_path: str | None = None
     last_error: str | None = None
+    metadata: dict[str, Any] = {}
 
 
 class Resolution(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,6 +132,14 @@ class Resolution(msgspec.Struct, frozen=True, kw_only=True):
     lease: Lease
     instance: RuntimeSnapshot
     compatibility: CompatibilityResult
+    reused: bool
+
+
+class Ensured(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``ensure_instance`` gives: the ready instance, and whether it was already
+    running (or starting) for an earlier caller (``reused``) or this call started it."""
+
+    instance: RuntimeSnapshot
     reused: bool
 
 

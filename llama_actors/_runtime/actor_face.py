@@ -42,6 +42,8 @@ class ActorFace:
         *,
         owner_ref: str | None = None,
         ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
     ) -> str:
         """Start a resolve; the :class:`~llama_actors.Resolution` (or the error) is
@@ -52,7 +54,35 @@ class ActorFace:
                 consumer,
                 owner_ref=owner_ref,
                 ttl_ms=ttl_ms,
+                renewable=renewable,
+                metadata=metadata,
                 policy=policy,
+                timeout=0.0,
+                reply=self.reply_to,
+            )
+        )
+
+    def lease_instance(
+        self,
+        instance_id: str,
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Lease a running instance by id (:meth:`Runtime.lease_instance`); the
+        :class:`~llama_actors.Resolution` (or the error) is told to ``reply_to`` once
+        it is ready. Returns the request id the answer carries."""
+        return self._send(
+            self._calls.lease_instance(
+                instance_id,
+                consumer,
+                owner_ref=owner_ref,
+                ttl_ms=ttl_ms,
+                renewable=renewable,
+                metadata=metadata,
                 timeout=0.0,
                 reply=self.reply_to,
             )
@@ -61,7 +91,8 @@ class ActorFace:
     def ensure_instance(
         self, spec: BackendSpec | Mapping[str, Any], *, policy: InstancePolicy | None = None
     ) -> str:
-        """Like :meth:`resolve_endpoint` without a lease; the answer is a snapshot."""
+        """Like :meth:`resolve_endpoint` without a lease; the answer is an
+        :class:`~llama_actors.Ensured`."""
         return self._send(self._calls.ensure(spec, policy=policy, timeout=0.0, reply=self.reply_to))
 
     def renew(self, lease_ref: str, ttl_ms: int | None = None) -> str:

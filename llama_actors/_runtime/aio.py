@@ -44,6 +44,7 @@ from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import (
     EndpointDescriptor,
+    Ensured,
     Lease,
     Resolution,
     RuntimeSnapshot,
@@ -189,6 +190,8 @@ class AsyncRuntime:
         *,
         owner_ref: str | None = None,
         ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
     ) -> Resolution:
@@ -203,7 +206,37 @@ class AsyncRuntime:
             consumer,
             owner_ref=owner_ref,
             ttl_ms=ttl_ms,
+            renewable=renewable,
+            metadata=metadata,
             policy=policy,
+            timeout=timeout,
+            reply=future,
+        )
+        resolution: Resolution = await self._wait(call, future)
+        return resolution
+
+    async def lease_instance(
+        self,
+        instance_id: str,
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> Resolution:
+        """:meth:`Runtime.lease_instance`, awaitable: lease a running instance by id,
+        once it is ready."""
+        future: _LoopFuture[Resolution] = _LoopFuture(asyncio.get_running_loop())
+        # Checked on the loop: it reads the status board and probes nothing.
+        call = self._calls.lease_instance(
+            instance_id,
+            consumer,
+            owner_ref=owner_ref,
+            ttl_ms=ttl_ms,
+            renewable=renewable,
+            metadata=metadata,
             timeout=timeout,
             reply=future,
         )
@@ -216,14 +249,14 @@ class AsyncRuntime:
         *,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
-    ) -> RuntimeSnapshot:
+    ) -> Ensured:
         """:meth:`Runtime.ensure_instance`, awaitable: a ready instance, without a lease."""
-        future: _LoopFuture[RuntimeSnapshot] = _LoopFuture(asyncio.get_running_loop())
+        future: _LoopFuture[Ensured] = _LoopFuture(asyncio.get_running_loop())
         call = await asyncio.to_thread(
             self._calls.ensure, spec, policy=policy, timeout=timeout, reply=future
         )
-        snapshot: RuntimeSnapshot = await self._wait(call, future)
-        return snapshot
+        ensured: Ensured = await self._wait(call, future)
+        return ensured
 
     # -- leases -------------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
+from llama_actors._kernel.manifest import BackendManifest
 from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState, RuntimeSnapshot
 
 __all__ = ["StatusBoard"]
@@ -24,6 +27,8 @@ class _Row:
         "last_error",
         "lease_count",
         "log_path",
+        "manifest",
+        "metadata",
         "phase",
         "pid",
         "port",
@@ -32,9 +37,18 @@ class _Row:
         "state",
     )
 
-    def __init__(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        instance_key: str,
+        log_path: str | None,
+        manifest: BackendManifest | None,
+        metadata: dict[str, Any],
+    ) -> None:
         self.instance_id = instance_id
         self.instance_key = instance_key
+        self.manifest = manifest
+        self.metadata = metadata
         self.state: InstanceState = "starting"
         self.health: Health = "unknown"
         self.phase: str | None = "spawning"
@@ -56,9 +70,20 @@ class StatusBoard:
         self._rows: dict[str, _Row] = {}
         self._ready: dict[str, str] = {}  # instance_key -> the ready instance of it
 
-    def add(self, instance_id: str, instance_key: str, log_path: str | None) -> None:
+    def add(
+        self,
+        instance_id: str,
+        instance_key: str,
+        log_path: str | None,
+        *,
+        manifest: BackendManifest | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A row for a new instance: what its backend offers (``manifest``, which
+        ``lease_instance`` checks consumers against) and its spec's ``metadata``."""
+        row = _Row(instance_id, instance_key, log_path, manifest, dict(metadata or {}))
         with self._lock:
-            self._rows[instance_id] = _Row(instance_id, instance_key, log_path)
+            self._rows[instance_id] = row
 
     def remove(self, instance_id: str) -> None:
         with self._lock:
@@ -149,6 +174,18 @@ class StatusBoard:
                 return None
             return row.instance_id, row.endpoint
 
+    def endpoint_if_ready(self, instance_id: str) -> EndpointDescriptor | None:
+        """The endpoint of ``instance_id`` while it is ready, else None."""
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return row.endpoint if row is not None and row.state == "ready" else None
+
+    def manifest(self, instance_id: str) -> BackendManifest | None:
+        """What the instance's backend offers, or None if there is no such instance."""
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else row.manifest
+
     def state(self, instance_id: str) -> InstanceState | None:
         """The instance's state, or None if there is no such instance."""
         with self._lock:
@@ -191,4 +228,5 @@ class StatusBoard:
             uptime_s=uptime,
             log_path=row.log_path,
             last_error=row.last_error,
+            metadata=dict(row.metadata),
         )

@@ -16,7 +16,8 @@ import msgspec
 from llama_actors._base.clock import TimerHandle
 from llama_actors._exceptions import InstanceNotFoundError, LlamaActorsError, NotReadyError
 from llama_actors._kernel.leases import LeaseTable
-from llama_actors._kernel.types import Lease, Resolution, RuntimeSnapshot
+from llama_actors._kernel.manifest import CompatibilityResult
+from llama_actors._kernel.types import EndpointDescriptor, Lease, Resolution, RuntimeSnapshot
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.context import Context, deliver, tell, tell_later
 from llama_actors._runtime.messages import (
@@ -139,7 +140,13 @@ class LeaseBroker(RuntimeActor):
                 raise NotReadyError(
                     f"instance {msg.instance_id} is {state}", instance_id=msg.instance_id
                 )
-            lease = self.table.grant(msg.instance_id, msg.owner_ref, msg.ttl_ms)
+            lease = self.table.grant(
+                msg.instance_id,
+                msg.owner_ref,
+                msg.ttl_ms,
+                renewable=msg.renewable,
+                metadata=msg.metadata,
+            )
         except LlamaActorsError as exc:
             if msg.fallback is not None and isinstance(exc, NotReadyError | InstanceNotFoundError):
                 tell(self.ctx.supervisor, msg.fallback)  # it finds or starts a fresh one
@@ -153,7 +160,7 @@ class LeaseBroker(RuntimeActor):
         self._count(msg.instance_id)
         snapshot = self.ctx.board.snapshot(msg.instance_id) or _missing(msg.instance_id)
         resolution = Resolution(
-            endpoint=msgspec.structs.replace(msg.endpoint, lease_ref=lease.lease_ref),
+            endpoint=_leased(msg.endpoint, lease.lease_ref, msg.compatibility),
             lease=lease,
             instance=snapshot,
             compatibility=msg.compatibility,
@@ -241,6 +248,20 @@ class LeaseBroker(RuntimeActor):
         self._draining.pop(instance_id, None)
         self._count(instance_id)
         tell(self.ctx.supervisor, Drained(instance_id=instance_id))
+
+
+def _leased(
+    endpoint: EndpointDescriptor, lease_ref: str, result: CompatibilityResult
+) -> EndpointDescriptor:
+    """The caller's copy of ``endpoint``: its lease, and the protocol and management mode
+    its compatibility check settled on (an embeddings consumer gets ``openai_embeddings``
+    from an instance that also serves chat)."""
+    return msgspec.structs.replace(
+        endpoint,
+        lease_ref=lease_ref,
+        protocol=result.protocol or endpoint.protocol,
+        management_mode=result.management_mode or endpoint.management_mode,
+    )
 
 
 def _missing(instance_id: str) -> RuntimeSnapshot:

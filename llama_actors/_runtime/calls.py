@@ -1,8 +1,8 @@
 """Every request of a runtime, built once and sent one way.
 
 As httpx splits building a request from sending it, :class:`Calls` builds each request
-(checked in the caller's thread: spec, consumer, model file, launch plan, TTL) into a
-:class:`Call` and sends it down the one route :func:`route` picks. The three faces of a
+(checked in the caller's thread: spec, consumer, model file, launch plan, lease options)
+into a :class:`Call` and sends it down the one route :func:`route` picks. The three faces of a
 runtime only differ in the reply target they pass and in how they wait for it:
 
 - :class:`~llama_actors.Runtime` passes a ``pykka.ThreadingFuture`` and blocks on it
@@ -22,7 +22,6 @@ from typing import Any
 import pykka
 
 from llama_actors._exceptions import (
-    InstanceNotFoundError,
     LlamaActorsError,
     RuntimeClosedError,
     WaitTimeoutError,
@@ -35,13 +34,23 @@ from llama_actors._runtime.messages import (
     CancelRequest,
     Ensure,
     GrantLease,
+    LeaseInstance,
     Message,
     ReleaseLease,
     RenewLease,
     Resolve,
     StopRequest,
 )
-from llama_actors._runtime.requests import Consumer, check_ttl, prepare, request_id
+from llama_actors._runtime.requests import (
+    Consumer,
+    check_consumer,
+    check_lease_options,
+    check_ttl,
+    instance_not_found,
+    no_new_leases,
+    prepare,
+    request_id,
+)
 
 __all__ = ["Call", "Calls", "route"]
 
@@ -67,22 +76,25 @@ def route(message: Message, ctx: Context) -> tuple[pykka.ActorRef[Any] | None, M
     """Which actor a request goes to, and as what.
 
     Renewals and releases go to the LeaseBroker; everything else to the Supervisor,
-    except a resolve whose instance is already ready: that goes straight to the broker
-    as a grant, one hop fewer on the path every warm resolve takes. If the instance is
-    not ready by the time the broker sees it (restarting, draining or gone), the broker
-    hands the resolve to the supervisor, which parks it until the instance is ready
-    again or starts a fresh one, so the shortcut never changes an answer.
+    except a resolve or a lease_instance whose instance is already ready: that goes
+    straight to the broker as a grant, one hop fewer on the path every warm resolve
+    takes. If the instance is not ready by the time the broker sees it (restarting,
+    draining or gone), the broker hands the request to the supervisor, which parks it
+    until the instance is ready again, starts a fresh one or refuses it, so the
+    shortcut never changes an answer.
     """
     if isinstance(message, RenewLease | ReleaseLease):
         return ctx.broker, message
-    found = (
-        ctx.board.ready_endpoint(message.spec.instance_key)
-        if isinstance(message, Resolve)
-        else None
-    )
-    if found is not None and isinstance(message, Resolve):
-        iid, endpoint = found
-        return ctx.broker, GrantLease.for_resolve(message, iid, endpoint, reused=True)
+    if isinstance(message, Resolve):
+        found = ctx.board.ready_endpoint(message.spec.instance_key)
+        if found is not None:
+            iid, endpoint = found
+            return ctx.broker, GrantLease.for_resolve(message, iid, endpoint, reused=True)
+    if isinstance(message, LeaseInstance):
+        ready = ctx.board.endpoint_if_ready(message.instance_id)
+        if ready is not None:
+            grant = GrantLease.for_resolve(message, message.instance_id, ready, reused=True)
+            return ctx.broker, grant
     return ctx.supervisor, message
 
 
@@ -117,12 +129,15 @@ class Calls:
         *,
         owner_ref: str | None,
         ttl_ms: int | None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None,
         timeout: float,
         reply: Reply,
     ) -> Call:
         self._check_open()
         ttl = check_ttl(self.lease_ttl_ms if ttl_ms is None else ttl_ms)
+        lease_metadata = check_lease_options(renewable, metadata)
         backend, spec, result, plan = prepare(spec, consumer)
         rid = request_id()
         message = Resolve(
@@ -133,10 +148,47 @@ class Calls:
             compatibility=result,
             owner_ref=owner_ref,
             ttl_ms=ttl,
+            renewable=renewable,
+            metadata=lease_metadata,
             policy=policy or self.policy,
             reply=reply,
         )
         return Call(message, reply, timeout, f"an endpoint for {spec.alias}", rid, spec)
+
+    def lease_instance(
+        self,
+        instance_id: str,
+        consumer: Consumer | None,
+        *,
+        owner_ref: str | None,
+        ttl_ms: int | None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        timeout: float,
+        reply: Reply,
+    ) -> Call:
+        self._check_open()
+        ttl = check_ttl(self.lease_ttl_ms if ttl_ms is None else ttl_ms)
+        lease_metadata = check_lease_options(renewable, metadata)
+        snapshot = self.board.snapshot(instance_id)
+        manifest = self.board.manifest(instance_id)
+        if snapshot is None or manifest is None:
+            raise instance_not_found(instance_id)
+        if snapshot.state in ("stopping", "stopped", "failed"):
+            raise no_new_leases(instance_id, snapshot.state)
+        result = check_consumer(consumer, manifest)
+        rid = request_id()
+        message = LeaseInstance(
+            request_id=rid,
+            instance_id=instance_id,
+            compatibility=result,
+            owner_ref=owner_ref,
+            ttl_ms=ttl,
+            renewable=renewable,
+            metadata=lease_metadata,
+            reply=reply,
+        )
+        return Call(message, reply, timeout, f"a lease on instance {instance_id}", rid)
 
     def ensure(
         self,
@@ -183,10 +235,7 @@ class Calls:
     ) -> Call:
         self._check_open()
         if instance_id not in self.ctx.board:
-            raise InstanceNotFoundError(
-                f"no instance {instance_id!r} in this runtime; see Runtime.instances()",
-                instance_id=instance_id,
-            )
+            raise instance_not_found(instance_id)
         message = StopRequest(
             instance_id=instance_id,
             reason="stop_instance()",
@@ -223,21 +272,23 @@ class Calls:
     def abandon(self, call: Call) -> None:
         """The caller stopped waiting: the supervisor forgets the request, and a lease
         granted for it in the meantime is released, so none leaks."""
-        if isinstance(call.message, Resolve | Ensure):
+        if isinstance(call.message, Resolve | Ensure | LeaseInstance):
             tell(self.ctx.supervisor, CancelRequest(request_id=call.request_id))
 
     def timed_out(self, call: Call) -> WaitTimeoutError:
         """Abandon ``call`` and say what timed out (raise what this returns)."""
         self.abandon(call)
         return WaitTimeoutError(
-            f"no answer for {call.what} within {call.timeout:g}s{self._describe(call.spec)}"
+            f"no answer for {call.what} within {call.timeout:g}s{self._describe(call)}"
         )
 
-    def _describe(self, spec: BackendSpec | None) -> str:
-        if spec is None:
-            return ""
+    def _describe(self, call: Call) -> str:
+        spec, message = call.spec, call.message
         for snap in self.ctx.board.all():
-            if snap.instance_key == spec.instance_key and snap.state in ("starting", "ready"):
+            ours = (spec is not None and snap.instance_key == spec.instance_key) or (
+                isinstance(message, LeaseInstance) and snap.instance_id == message.instance_id
+            )
+            if ours and snap.state in ("starting", "ready"):
                 log = f" (log: {snap.log_path})" if snap.log_path else ""
                 return (
                     f"; instance {snap.instance_id} is {snap.state} and keeps going for other "

@@ -37,6 +37,7 @@ __all__ = [
     "InstanceReady",
     "InstanceStopped",
     "KillDeadline",
+    "LeaseInstance",
     "Message",
     "Pause",
     "PortKnown",
@@ -79,7 +80,22 @@ class Resolve(Message, frozen=True, tag=True, kw_only=True):
     compatibility: CompatibilityResult
     owner_ref: str | None
     ttl_ms: int
+    renewable: bool = True
+    metadata: dict[str, Any] = {}
     policy: InstancePolicy
+    reply: Any
+
+
+class LeaseInstance(Message, frozen=True, tag=True, kw_only=True):
+    """Lease the instance ``instance_id`` itself (``lease_instance``), once it is ready."""
+
+    request_id: str
+    instance_id: str
+    compatibility: CompatibilityResult
+    owner_ref: str | None
+    ttl_ms: int
+    renewable: bool = True
+    metadata: dict[str, Any] = {}
     reply: Any
 
 
@@ -201,11 +217,13 @@ class TrackInstance(Message, frozen=True, tag=True, kw_only=True):
 
 
 class GrantLease(Message, frozen=True, tag=True, kw_only=True):
-    """Lease ``instance_id`` to the caller. ``fallback`` is the caller's own Resolve: if
-    the instance is not ready by the time the broker sees this (restarting after a
-    crash, draining, gone), the broker hands that to the supervisor, which parks it
-    until the instance is ready again or starts a fresh one, instead of granting a
-    lease on an instance that cannot serve it."""
+    """Lease ``instance_id`` to the caller. ``fallback`` is the caller's own Resolve (or
+    LeaseInstance): if the instance is not ready by the time the broker sees this
+    (restarting after a crash, draining, gone), the broker hands that to the
+    supervisor, which parks it until the instance is ready again, starts a fresh one
+    (a resolve) or refuses it (a lease on a stopping instance), instead of granting a
+    lease on an instance that cannot serve it. ``endpoint`` is the published one; the
+    caller's copy names the protocol of ``compatibility``."""
 
     request_id: str
     instance_id: str
@@ -213,6 +231,8 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
     compatibility: CompatibilityResult
     owner_ref: str | None
     ttl_ms: int
+    renewable: bool = True
+    metadata: dict[str, Any] = {}
     reused: bool
     reply: Any
     fallback: Any = None
@@ -220,13 +240,14 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
     @classmethod
     def for_resolve(
         cls,
-        msg: Resolve,
+        msg: Resolve | LeaseInstance,
         instance_id: str,
         endpoint: EndpointDescriptor,
         *,
         reused: bool,
     ) -> GrantLease:
-        """The grant that answers ``msg`` with a lease on ``instance_id``."""
+        """The grant that answers ``msg`` (a resolve or a lease_instance) with a lease on
+        ``instance_id``."""
         return cls(
             request_id=msg.request_id,
             instance_id=instance_id,
@@ -234,6 +255,8 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
             compatibility=msg.compatibility,
             owner_ref=msg.owner_ref,
             ttl_ms=msg.ttl_ms,
+            renewable=msg.renewable,
+            metadata=msg.metadata,
             reused=reused,
             reply=msg.reply,
             fallback=msg,

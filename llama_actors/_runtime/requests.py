@@ -8,12 +8,33 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from llama_actors._backends.registry import resolve_backend
-from llama_actors._exceptions import IncompatibleError, UsageError
+from llama_actors._exceptions import (
+    IncompatibleError,
+    InstanceNotFoundError,
+    NotReadyError,
+    UsageError,
+)
 from llama_actors._kernel.backend import Backend, BackendSpec
-from llama_actors._kernel.manifest import CompatibilityResult, ConsumerManifest, compatibility
+from llama_actors._kernel.manifest import (
+    BackendManifest,
+    CompatibilityResult,
+    ConsumerManifest,
+    compatibility,
+)
 from llama_actors._process.plan import LaunchPlan
 
-__all__ = ["Consumer", "Prepared", "check_ttl", "consumer_manifest", "prepare", "request_id"]
+__all__ = [
+    "Consumer",
+    "Prepared",
+    "check_consumer",
+    "check_lease_options",
+    "check_ttl",
+    "consumer_manifest",
+    "instance_not_found",
+    "no_new_leases",
+    "prepare",
+    "request_id",
+]
 
 #: A consumer manifest, a mapping of its fields, or just the consumer's name.
 Consumer = ConsumerManifest | Mapping[str, Any] | str
@@ -71,3 +92,44 @@ def check_ttl(ttl_ms: int) -> int:
     if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
         raise UsageError(f"ttl_ms must be a positive number of milliseconds (got {ttl_ms!r})")
     return ttl_ms
+
+
+def check_consumer(consumer: Consumer | None, manifest: BackendManifest) -> CompatibilityResult:
+    """``consumer`` checked against what a backend offers; :class:`IncompatibleError` if
+    it cannot use it."""
+    result = compatibility(consumer_manifest(consumer), manifest)
+    if not result.compatible:
+        raise IncompatibleError(result)
+    return result
+
+
+def check_lease_options(renewable: bool, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check a lease's ``renewable`` and ``metadata`` (:class:`UsageError` when either is
+    of the wrong kind); returns the metadata as a dict of its own."""
+    if not isinstance(renewable, bool):
+        raise UsageError(f"renewable must be True or False (got {renewable!r})")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise UsageError(
+            f"metadata must be a mapping with str keys, such as {{'team': 'search'}} "
+            f"(got {metadata!r})"
+        )
+    return dict(metadata)
+
+
+def instance_not_found(instance_id: str) -> InstanceNotFoundError:
+    return InstanceNotFoundError(
+        f"no instance {instance_id!r} in this runtime; see Runtime.instances()",
+        instance_id=instance_id,
+    )
+
+
+def no_new_leases(instance_id: str, state: str) -> NotReadyError:
+    """The refusal of a lease on an instance that is going or gone."""
+    how = {"failed": "has failed", "stopped": "has stopped"}.get(state, "is stopping")
+    return NotReadyError(
+        f"instance {instance_id} {how} and takes no new leases; resolve_endpoint(spec) "
+        "starts a fresh instance of its spec",
+        instance_id=instance_id,
+    )

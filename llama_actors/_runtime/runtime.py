@@ -36,6 +36,7 @@ from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.probe_client import ProbeClient
 from llama_actors._kernel.types import (
     EndpointDescriptor,
+    Ensured,
     Lease,
     Resolution,
     RuntimeSnapshot,
@@ -137,12 +138,17 @@ class Runtime:
         *,
         owner_ref: str | None = None,
         ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
     ) -> Resolution:
         """Check compatibility, spawn or reuse the instance for ``spec``, wait until it
         is ready, and lease its endpoint to ``owner_ref`` for ``ttl_ms``.
 
+        The lease carries ``metadata``; with ``renewable=False`` it cannot be renewed.
+        The leased endpoint names the protocol the consumer was matched on
+        (``openai_embeddings`` for an embeddings consumer).
         Concurrent callers with the same identity share one spawn and one readiness
         wait. Raises :class:`IncompatibleError` before anything is spawned,
         :class:`ServerExitedError` or :class:`ReadinessTimeoutError` when the server
@@ -154,7 +160,41 @@ class Runtime:
             consumer,
             owner_ref=owner_ref,
             ttl_ms=ttl_ms,
+            renewable=renewable,
+            metadata=metadata,
             policy=policy,
+            timeout=timeout,
+            reply=pykka.ThreadingFuture(),
+        )
+        resolution: Resolution = self._calls.wait(call)
+        return resolution
+
+    def lease_instance(
+        self,
+        instance_id: str,
+        consumer: Consumer | None = None,
+        *,
+        owner_ref: str | None = None,
+        ttl_ms: int | None = None,
+        renewable: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> Resolution:
+        """Lease the running instance ``instance_id`` (from :meth:`ensure_instance` or
+        :meth:`instances`), as :meth:`resolve_endpoint` leases the instance of a spec.
+
+        ``consumer`` is checked against that instance's backend manifest
+        (:class:`IncompatibleError`). An instance still starting is waited for, up to
+        ``timeout``; an unknown one raises :class:`InstanceNotFoundError`, and one that
+        is stopping, stopped or failed :class:`NotReadyError`. ``reused`` is True.
+        """
+        call = self._calls.lease_instance(
+            instance_id,
+            consumer,
+            owner_ref=owner_ref,
+            ttl_ms=ttl_ms,
+            renewable=renewable,
+            metadata=metadata,
             timeout=timeout,
             reply=pykka.ThreadingFuture(),
         )
@@ -167,21 +207,22 @@ class Runtime:
         *,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
-    ) -> RuntimeSnapshot:
+    ) -> Ensured:
         """Spawn or reuse the instance for ``spec`` and wait until it is ready, without
-        taking a lease. Returns its snapshot."""
+        taking a lease. Returns its snapshot and whether it was already there."""
         call = self._calls.ensure(
             spec, policy=policy, timeout=timeout, reply=pykka.ThreadingFuture()
         )
-        snapshot: RuntimeSnapshot = self._calls.wait(call)
-        return snapshot
+        ensured: Ensured = self._calls.wait(call)
+        return ensured
 
     # -- leases -------------------------------------------------------------------------
 
     def renew(self, lease_ref: str, ttl_ms: int | None = None) -> Lease:
         """Extend a live lease to now + ``ttl_ms`` (its own TTL by default).
 
-        Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone.
+        Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone,
+        and :class:`LeaseNotRenewableError` for a lease granted with ``renewable=False``.
         """
         lease: Lease = self._calls.wait(
             self._calls.renew(lease_ref, ttl_ms, pykka.ThreadingFuture())

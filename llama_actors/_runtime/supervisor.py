@@ -23,6 +23,7 @@ from llama_actors._exceptions import (
 )
 from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
+from llama_actors._kernel.types import Ensured
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.backend import BackendActor
 from llama_actors._runtime.context import Context, deliver, tell
@@ -40,12 +41,14 @@ from llama_actors._runtime.messages import (
     InstanceGone,
     InstanceReady,
     InstanceStopped,
+    LeaseInstance,
     Message,
     Resolve,
     StopInstance,
     StopRequest,
     TrackInstance,
 )
+from llama_actors._runtime.requests import instance_not_found, no_new_leases
 
 __all__ = ["Supervisor"]
 
@@ -60,7 +63,7 @@ class _Instance:
     key: str
     spec: BackendSpec
     policy: InstancePolicy
-    waiting: dict[str, Resolve | Ensure] = field(default_factory=dict)
+    waiting: dict[str, Resolve | Ensure | LeaseInstance] = field(default_factory=dict)
     stop_replies: list[tuple[str, Any]] = field(default_factory=list)
     creator: str = ""
     stop_reason: str = "stopped"
@@ -85,6 +88,8 @@ class Supervisor(RuntimeActor):
         match message:
             case Resolve() | Ensure():
                 self._request(message)
+            case LeaseInstance():
+                self._lease_instance(message)
             case CancelRequest(request_id=rid):
                 self._cancel(rid)
             case InstanceReady(instance_id=iid, endpoint=endpoint):
@@ -133,8 +138,13 @@ class Supervisor(RuntimeActor):
     def _create(self, msg: Resolve | Ensure) -> str:
         spec, policy = msg.spec, msg.policy
         iid = f"{_slug(spec.alias)}-{secrets.token_hex(3)}"
-        log_path = str(self.ctx.log_path(iid)) if msg.plan is not None else None
-        self.ctx.board.add(iid, spec.instance_key, log_path)
+        self.ctx.board.add(
+            iid,
+            spec.instance_key,
+            str(self.ctx.log_path(iid)) if msg.plan is not None else None,
+            manifest=msg.backend.manifest(spec),
+            metadata=spec.metadata,
+        )
         ref = BackendActor.start(
             instance_id=iid,
             backend=msg.backend,
@@ -153,12 +163,35 @@ class Supervisor(RuntimeActor):
         log.info("instance %s: starting for %s", iid, spec.alias)
         return iid
 
-    def _serve(self, iid: str, msg: Resolve | Ensure, endpoint: Any, *, reused: bool) -> None:
+    def _lease_instance(self, msg: LeaseInstance) -> None:
+        iid = msg.instance_id
+        inst = self.registry.get(iid)
+        if self.closing is not None:
+            deliver(msg.reply, msg.request_id, error=RuntimeClosedError("the runtime is closing"))
+        elif inst is None:
+            deliver(msg.reply, msg.request_id, error=instance_not_found(iid))
+        elif inst.stopping or inst.done:
+            state = self.ctx.board.state(iid) or "stopped"
+            deliver(msg.reply, msg.request_id, error=no_new_leases(iid, state))
+        elif (endpoint := self.ctx.board.endpoint_if_ready(iid)) is not None:
+            self._serve(iid, msg, endpoint, reused=True)
+        else:  # starting or restarting: it waits with the others
+            inst.waiting[msg.request_id] = msg
+
+    def _serve(
+        self, iid: str, msg: Resolve | Ensure | LeaseInstance, endpoint: Any, *, reused: bool
+    ) -> None:
         match msg:
-            case Resolve():
+            case Resolve() | LeaseInstance():
                 tell(self.ctx.broker, GrantLease.for_resolve(msg, iid, endpoint, reused=reused))
             case Ensure():
-                deliver(msg.reply, msg.request_id, value=self.ctx.board.snapshot(iid))
+                snapshot = self.ctx.board.snapshot(iid)
+                if snapshot is None:
+                    error = InstanceNotFoundError(f"no instance {iid}", instance_id=iid)
+                    deliver(msg.reply, msg.request_id, error=error)
+                else:
+                    ensured = Ensured(instance=snapshot, reused=reused)
+                    deliver(msg.reply, msg.request_id, value=ensured)
 
     def _cancel(self, request_id: str) -> None:
         for inst in self.registry.values():
