@@ -168,6 +168,7 @@ def attached_fake(folder: Path) -> Iterator[ContractTarget]:
     def crash(runtime: Runtime, snapshot: RuntimeSnapshot) -> None:
         with SignalRecorder("health_changed") as signals:
             servers[-1].process.kill()
+            servers[-1].process.wait_finished(5)
             signals.wait_for("health_changed", snapshot.instance_id, new="unavailable", timeout=30)
         servers.append(start_fake(folder / "external", port=port))
 
