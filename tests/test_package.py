@@ -14,6 +14,7 @@ import pytest
 
 import llama_actors
 import llama_actors.lowlevel
+import llama_actors.testing.contract
 from llama_actors import _exceptions
 
 PACKAGE = Path(llama_actors.__file__).parent
@@ -51,7 +52,11 @@ def test_lowlevel_lists_exactly_the_plumbing() -> None:
     assert not LOWLEVEL & set(llama_actors.__all__)
 
 
-@pytest.mark.parametrize("module", [llama_actors, llama_actors.lowlevel], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module",
+    [llama_actors, llama_actors.lowlevel, llama_actors.testing.contract],
+    ids=lambda m: m.__name__,
+)
 def test_every_exported_name_exists_and_has_a_docstring_of_its_own(module: ModuleType) -> None:
     undocumented = [name for name in module.__all__ if not _documented(module, name)]
     assert undocumented == []
