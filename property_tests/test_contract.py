@@ -149,13 +149,14 @@ def test_a_target_without_specs_is_refused() -> None:
 
 
 # -- an attached server -------------------------------------------------------------------
-# TODO(attach backend): once {"backend": "attach", "url": ...} specs resolve, add
-#
-#     def test_an_attached_server_keeps_the_contract(tmp_path: Path) -> None:
-#         with attached_fake(tmp_path) as target:
-#             run_contract(target)
-#
-# and check the consumer's management mode below against the backend's manifest.
+
+
+def test_an_attached_server_keeps_the_contract(tmp_path: Path) -> None:
+    with attached_fake(tmp_path) as target:
+        report = run_contract(target)
+
+    assert report.examples >= 6
+    assert report.actions["resolve"] >= report.examples
 
 
 @contextlib.contextmanager
@@ -176,8 +177,15 @@ def attached_fake(folder: Path) -> Iterator[ContractTarget]:
         yield ContractTarget(
             name="attached fake llama-server",
             make_runtime=lambda: Runtime(state_dir=folder / "state", policy=POLICY),
-            specs=[{"backend": "attach", "url": f"http://127.0.0.1:{port}"}],
-            consumer={"consumer": "contract", "accepted_management_modes": ["external"]},
+            specs=[
+                {
+                    "backend": "attach",
+                    "url": f"http://127.0.0.1:{port}",
+                    "health_interval_ms": 100,
+                    "readiness_interval_ms": 20,
+                }
+            ],
+            consumer={"consumer": "contract", "accepted_management_modes": ["externally_managed"]},
             crash=crash,
             crash_restarts=False,
         )

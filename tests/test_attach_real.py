@@ -21,8 +21,8 @@ from ._helpers import wait_gone
 pytestmark = pytest.mark.real_server
 
 KEY = "sk-attach-real-77c1"
-#: Loading gemma 270M takes about a second here; a busy machine may take far longer.
-LOAD_S = 120.0
+#: Loading gemma 270M takes 1 to 3 s here; a busy machine may take far longer.
+LOAD_S = 60.0
 
 
 def start_server(binary: str, model: str, port: int | str, folder: Path) -> ServerProcess:
@@ -75,7 +75,8 @@ def test_an_attached_real_server_is_leased_survives_its_restart_and_keeps_its_le
         recorder.wait_for("health_changed", iid, new="unavailable", timeout=30)
 
         servers.append(start_server(real_binary, gemma_model, port, tmp_path))
-        recorder.wait_for("health_changed", iid, old="unavailable", new="healthy", timeout=LOAD_S)
+        # back through "degraded" while it answers 503 Loading model, then healthy
+        recorder.wait_for("health_changed", iid, new="healthy", count=2, timeout=LOAD_S)
 
         assert runtime.renew(got.lease.lease_ref).lease_ref == got.lease.lease_ref
         snap = runtime.snapshot(iid)

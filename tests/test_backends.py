@@ -362,7 +362,7 @@ def test_an_attached_server_that_stops_answering_is_unavailable_then_healthy_and
     recorder.wait_for("health_changed", iid, new="unavailable", timeout=WAIT)
     assert runtime.snapshot(iid).state == "ready"  # still published: leases keep their URL
     run_external(external, tmp_path / "ext", port=port)
-    recorder.wait_for("health_changed", iid, old="unavailable", new="healthy", timeout=WAIT)
+    recorder.wait_for("health_changed", iid, new="healthy", count=2, timeout=WAIT)
 
     assert chat(got).status_code == 200
     assert runtime.renew(got.lease.lease_ref).lease_ref == got.lease.lease_ref

@@ -152,6 +152,7 @@ def test_a_grant_that_reaches_the_broker_while_its_instance_restarts_goes_back_t
     ctx.board.backing_off("inst-1", restart_count=1, last_error="killed by SIGKILL")
     resolve = Resolve(
         request_id="r-1",
+        backend=LlamaCppBackend(),
         spec=SPEC,
         plan=llama_actors.lowlevel.LaunchPlan(
             name="m",

@@ -373,3 +373,16 @@ def test_an_embeddings_consumer_gets_vectors_and_a_chat_consumer_of_its_spec_a_c
         assert vectors[0] != vectors[1]
         assert client.post(url, json={"input": "red"}).status_code == 401
         assert chat(client, talker.endpoint)["usage"]["completion_tokens"] >= 1
+
+        # The contract's lease options on the same server: by id, not renewable, metadata.
+        iid = embedding.instance.instance_id
+        ensured = runtime.ensure_instance(embedding_spec)
+        assert (ensured.reused, ensured.instance.instance_id) == (True, iid)
+        once = runtime.lease_instance(
+            iid, embedder, owner_ref="batch", renewable=False, metadata={"job": "nightly"}
+        )
+        assert (once.lease.renewable, once.lease.metadata) == (False, {"job": "nightly"})
+        assert once.endpoint.protocol == "openai_embeddings"
+        with pytest.raises(llama_actors.LeaseNotRenewableError):
+            runtime.renew(once.lease.lease_ref)
+        assert runtime.release(once.lease.lease_ref) is True

@@ -179,7 +179,8 @@ class _Up:
             )
             if snap.instance_id not in self.announced:
                 self.announced.add(snap.instance_id)
-                self.say(f"backend {name} is instance {snap.instance_id} (log: {snap.log_path})")
+                where = f"log: {snap.log_path}" if snap.log_path else "attached: no process"
+                self.say(f"backend {name} is instance {snap.instance_id} ({where})")
         return rows
 
     def publish(self, rows: list[BackendStatus]) -> None:
@@ -373,7 +374,8 @@ def describe_status(statuses: list[tuple[UpStatus, bool]], out: TextIO) -> int:
             out.write(f"  {line}\n")
         for row in status.backends:
             if row.base_url:
-                out.write(f"  {row.name}: {row.base_url}  log {row.log_path}\n")
+                log = f"log {row.log_path}" if row.log_path else "attached: no log"
+                out.write(f"  {row.name}: {row.base_url}  {log}\n")
             if row.error:
                 out.write(f"  {row.name}: {row.error}\n")
     if not running:
