@@ -16,12 +16,12 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from llama_actors._base.secret import MASK, Secret, looks_secret
+from llama_actors._base.secret import MASK, Secret, bearer_headers, key_to_publish, looks_secret
 from llama_actors._base.units import InSeconds
 from llama_actors._exceptions import BootSpecError
 from llama_actors._kernel.backend import BackendBase, BackendSpec
-from llama_actors._kernel.manifest import BackendManifest, CompatibilityResult
-from llama_actors._kernel.types import EndpointDescriptor, EndpointUrls
+from llama_actors._kernel.manifest import BackendManifest
+from llama_actors._kernel.types import EndpointUrls
 from llama_actors._llama.boot_spec import (
     DEFAULTS,
     _api_key,
@@ -82,15 +82,9 @@ class AttachSpec(msgspec.Struct, frozen=True, kw_only=True):
         return ATTACH
 
     @property
-    def published_key(self) -> Secret | None:
-        if self.api_key is not None:
-            return self.api_key
-        return self.file_keys[0] if self.file_keys else None
-
-    @property
     def headers(self) -> dict[str, str]:
-        key = self.published_key
-        return {"Authorization": f"Bearer {key.reveal()}"} if key is not None else {}
+        """What callers send: the key (``api_key``, else the file's first) as a bearer."""
+        return bearer_headers(key_to_publish(self.api_key, self.file_keys))
 
     def urls(self, bound_port: int | None = None) -> EndpointUrls:
         """The server's URLs (its port is the URL's; ``bound_port`` is ignored)."""
@@ -275,23 +269,14 @@ class AttachBackend(BackendBase):
         """Nothing to launch: the server runs already."""
         return
 
-    def endpoint(
-        self,
-        spec: BackendSpec,
-        *,
-        instance_id: str,
-        port: int | None,
-        plan: LaunchPlan | None,
-        compatibility: CompatibilityResult | None = None,
-    ) -> EndpointDescriptor:
-        base = super().endpoint(
-            spec, instance_id=instance_id, port=port, plan=plan, compatibility=compatibility
-        )
+    def endpoint_metadata(
+        self, spec: BackendSpec, plan: LaunchPlan | None, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Where the server is: its URL as given, and that it runs elsewhere."""
         attach = spec if isinstance(spec, AttachSpec) else None
-        metadata = {
-            **base.metadata,
-            "url": attach.url if attach else base.source_runtime_ref,
+        return {
+            **metadata,
+            "url": attach.url if attach else spec.urls().root_url,
             "api_prefix": attach.api_prefix if attach else "",
             "execution_surface": "external",
         }
-        return msgspec.structs.replace(base, metadata=metadata)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = ["MASK", "Secret", "looks_secret", "mask_argv", "mask_mapping"]
 
@@ -72,3 +72,15 @@ def mask_argv(argv: Iterable[str]) -> list[str]:
             mask_next = not arg.endswith("-file")
         out.append(arg)
     return out
+
+
+def key_to_publish(api_key: Secret | None, file_keys: Sequence[Secret]) -> Secret | None:
+    """The key callers send: ``api_key`` when set, else the first key of a key file."""
+    if api_key is not None:
+        return api_key
+    return file_keys[0] if file_keys else None
+
+
+def bearer_headers(key: Secret | None) -> dict[str, str]:
+    """The headers that carry ``key`` (none without a key)."""
+    return {"Authorization": f"Bearer {key.reveal()}"} if key is not None else {}

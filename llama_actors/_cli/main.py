@@ -142,30 +142,31 @@ def _print_plan(name: str, spec: BootSpec, plan: LaunchPlan, out: TextIO) -> Non
         url_port = "<port>"
     else:
         port_text = url_port = str(port)
-    urls = EndpointUrls.build(spec.host, url_port, spec.api_prefix)
     rows = [
         ("backend", name),
         ("binary", plan.binary_label),
         ("argv", plan.command_line()),
         ("environment", " ".join(f"{k}={v}" for k, v in mask_mapping(plan.env).items()) or "-"),
         ("port", port_text),
-        ("root_url", urls.root_url),
-        ("base_url", urls.base_url),
-        ("health_url", urls.health_url),
-        ("headers", f"Authorization: Bearer {MASK}" if spec.headers else "-"),
-        ("instance_key", spec.instance_key),
     ]
-    for label, value in rows:
-        print(f"{label + ':':<14}{value}", file=out)
+    _print_rows(rows, spec, EndpointUrls.build(spec.host, url_port, spec.api_prefix), out)
 
 
 def _print_other(name: str, spec: BackendSpec, plan: LaunchPlan | None, out: TextIO) -> None:
     """A spec of another backend than llama.cpp: what it launches, or that it launches
     nothing, and where it is served."""
-    urls = spec.urls(plan.port if plan is not None else None)
     rows = [
         ("backend", f"{name} ({spec.backend})"),
         ("argv", plan.command_line() if plan is not None else "nothing: the server runs elsewhere"),
+    ]
+    _print_rows(rows, spec, spec.urls(plan.port if plan is not None else None), out)
+
+
+def _print_rows(
+    rows: list[tuple[str, str]], spec: BackendSpec, urls: EndpointUrls, out: TextIO
+) -> None:
+    """``rows``, then where the spec is served and what identifies it."""
+    rows += [
         ("root_url", urls.root_url),
         ("base_url", urls.base_url),
         ("health_url", urls.health_url),

@@ -182,13 +182,13 @@ class BackendBase:
         compatibility: CompatibilityResult | None = None,
     ) -> EndpointDescriptor:
         """The published descriptor: the manifest's first mode and protocol (or the
-        ones ``compatibility`` chose) on the spec's URLs."""
+        ones ``compatibility`` chose) on the spec's URLs, with the capabilities and
+        metadata the two hooks below give."""
         manifest = self.manifest(spec)
         urls = spec.urls(port)
         host, bound = host_port(urls.root_url)
         mode = compatibility.management_mode if compatibility else None
         protocol = compatibility.protocol if compatibility else None
-        capabilities = dict(manifest.capabilities)
         metadata: dict[str, Any] = {"host": host, "port": bound, "backend": self.name}
         if plan is not None:
             metadata["binary"] = plan.binary_label
@@ -203,9 +203,22 @@ class BackendBase:
             model_identity=spec.model_identity,
             source_runtime_ref=urls.root_url,
             health_ref=urls.health_url,
-            capabilities=capabilities,
-            metadata=metadata,
+            capabilities=self.endpoint_capabilities(spec, manifest),
+            metadata=self.endpoint_metadata(spec, plan, metadata),
         )
+
+    def endpoint_capabilities(
+        self, spec: BackendSpec, manifest: BackendManifest
+    ) -> dict[str, bool | str]:
+        """What the endpoint says it can do: the manifest's capabilities by default."""
+        return dict(manifest.capabilities)
+
+    def endpoint_metadata(
+        self, spec: BackendSpec, plan: LaunchPlan | None, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The endpoint's metadata: ``host``, ``port``, ``backend`` (and ``binary`` for a
+        launched server) by default; a backend may add to it."""
+        return metadata
 
 
 def host_port(root_url: str) -> tuple[str, int]:

@@ -11,12 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
-
 from llama_actors._exceptions import BootSpecError
 from llama_actors._kernel.backend import BackendBase, BackendSpec
-from llama_actors._kernel.manifest import BackendManifest, CompatibilityResult
-from llama_actors._kernel.types import EndpointDescriptor
+from llama_actors._kernel.manifest import BackendManifest
 from llama_actors._llama.boot_spec import BootSpec, boot_spec
 from llama_actors._llama.render import plan_for
 from llama_actors._process.plan import LaunchPlan, check_model_file
@@ -66,31 +63,25 @@ class LlamaCppBackend(BackendBase):
         check_model_file(boot.model)
         return plan_for(boot)
 
-    def endpoint(
-        self,
-        spec: BackendSpec,
-        *,
-        instance_id: str,
-        port: int | None,
-        plan: LaunchPlan | None,
-        compatibility: CompatibilityResult | None = None,
-    ) -> EndpointDescriptor:
-        """CONTRACT §6: embeddings are a capability of a spec with ``embeddings`` on,
-        and the metadata says which binary serves where."""
+    def endpoint_capabilities(
+        self, spec: BackendSpec, manifest: BackendManifest
+    ) -> dict[str, bool | str]:
+        """CONTRACT §6: embeddings are a capability of a spec with ``embeddings`` on."""
+        embeddings: bool | str = True if _boot(spec).embeddings else "unknown"
+        return {**manifest.capabilities, "embeddings": embeddings}
+
+    def endpoint_metadata(
+        self, spec: BackendSpec, plan: LaunchPlan | None, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Which binary serves where (CONTRACT §6)."""
         boot = _boot(spec)
-        base = super().endpoint(
-            boot, instance_id=instance_id, port=port, plan=plan, compatibility=compatibility
-        )
-        capabilities = {**base.capabilities, "embeddings": True if boot.embeddings else "unknown"}
-        metadata = {
+        return {
+            **metadata,
             "binary": plan.binary_path if plan is not None else boot.binary_path,
             "host": boot.host,
-            "port": base.metadata["port"],
             "api_prefix": boot.api_prefix,
             "execution_surface": boot.execution_surface,
-            "backend": LLAMA_CPP,
         }
-        return msgspec.structs.replace(base, capabilities=capabilities, metadata=metadata)
 
 
 def _boot(spec: BackendSpec) -> BootSpec:

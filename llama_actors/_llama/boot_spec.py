@@ -19,7 +19,15 @@ from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from llama_actors._base.secret import MASK, Secret, looks_secret, mask_argv, mask_mapping
+from llama_actors._base.secret import (
+    MASK,
+    Secret,
+    bearer_headers,
+    key_to_publish,
+    looks_secret,
+    mask_argv,
+    mask_mapping,
+)
 from llama_actors._base.units import InSeconds
 from llama_actors._exceptions import BootSpecError, PortNotBoundError
 from llama_actors._kernel.types import EndpointUrls
@@ -148,9 +156,7 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def published_key(self) -> Secret | None:
         """The key callers send: ``api_key`` when set, else the first key of the file."""
-        if self.api_key is not None:
-            return self.api_key
-        return self.file_keys[0] if self.file_keys else None
+        return key_to_publish(self.api_key, self.file_keys)
 
     @property
     def server_keys(self) -> tuple[Secret, ...]:
@@ -161,8 +167,7 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def headers(self) -> dict[str, str]:
         """Headers a caller sends: a bearer token when a key is known, else none."""
-        key = self.published_key
-        return {"Authorization": f"Bearer {key.reveal()}"} if key is not None else {}
+        return bearer_headers(self.published_key)
 
     # -- urls ---------------------------------------------------------------------
 
