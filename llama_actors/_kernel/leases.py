@@ -112,9 +112,15 @@ class LeaseTable:
         self._put(lease)
         return lease
 
-    def renew(self, lease_ref: str, ttl_ms: int | None = None) -> Lease:
-        """Extend a live lease to ``now + ttl`` (its own TTL when ``ttl_ms`` is None)."""
-        lease = self._live_or_raise(lease_ref)
+    def renew(
+        self, lease_ref: str, ttl_ms: int | None = None, *, now: float | None = None
+    ) -> Lease:
+        """Extend a live lease to ``now + ttl`` (its own TTL when ``ttl_ms`` is None).
+
+        ``now`` (the clock's by default) lets a caller renew at the moment it last
+        called :meth:`expire_due`, so a lease that is not expired then is live here."""
+        now = self._clock() if now is None else now
+        lease = self._live_or_raise(lease_ref, now)
         if not lease.renewable:
             raise LeaseNotRenewableError(
                 f"lease {lease_ref} was granted with renewable=False, so it cannot be renewed; "
@@ -125,9 +131,7 @@ class LeaseTable:
         ttl = lease.ttl_ms if ttl_ms is None else ttl_ms
         if ttl <= 0:
             raise _bad_ttl(ttl)
-        renewed = msgspec.structs.replace(
-            lease, ttl_ms=ttl, expires_at=self._clock() + seconds(ttl)
-        )
+        renewed = msgspec.structs.replace(lease, ttl_ms=ttl, expires_at=now + seconds(ttl))
         self._put(renewed)
         return renewed
 
@@ -135,9 +139,10 @@ class LeaseTable:
         """End a lease; None when it had already ended or never existed (idempotent)."""
         return self._end(lease_ref, "released")
 
-    def expire_due(self) -> list[Lease]:
-        """End every lease whose ``expires_at`` is not after now, earliest first."""
-        now = self._clock()
+    def expire_due(self, now: float | None = None) -> list[Lease]:
+        """End every lease whose ``expires_at`` is not after ``now`` (the clock's by
+        default), earliest first."""
+        now = self._clock() if now is None else now
         expired: list[Lease] = []
         while (when := self.next_expiry()) is not None and when <= now:
             _, _, ref = heapq.heappop(self._heap)
@@ -159,9 +164,9 @@ class LeaseTable:
 
     # -- internals --------------------------------------------------------------------
 
-    def _live_or_raise(self, lease_ref: str) -> Lease:
+    def _live_or_raise(self, lease_ref: str, now: float) -> Lease:
         lease = self._live.get(lease_ref)
-        if lease is not None and lease.expires_at > self._clock():
+        if lease is not None and lease.expires_at > now:
             return lease
         # Past its TTL but not yet swept: it stays in the table, so the next
         # expire_due() ends it (and the broker signals that); here it is just too late.

@@ -170,7 +170,11 @@ class LeaseBroker(RuntimeActor):
         deliver(msg.reply, msg.request_id, value=resolution)
 
     def _renew(self, ref: str, ttl_ms: int | None) -> Lease:
-        lease = self.table.renew(ref, ttl_ms)
+        # One moment for both: a lease whose TTL ran out since this message's first
+        # sweep is ended and signalled here, before its caller hears "expired".
+        now = self.ctx.timers.now()
+        self._sweep(now)
+        lease = self.table.renew(ref, ttl_ms, now=now)
         emit(lease_renewed, lease.instance_id, lease=lease)
         return lease
 
@@ -183,8 +187,8 @@ class LeaseBroker(RuntimeActor):
         self._after_end(lease.instance_id)
         return True
 
-    def _sweep(self) -> None:
-        for lease in self.table.expire_due():
+    def _sweep(self, now: float | None = None) -> None:
+        for lease in self.table.expire_due(now):
             self._count(lease.instance_id)
             emit(lease_expired, lease.instance_id, lease=lease)
             self._after_end(lease.instance_id)
