@@ -182,7 +182,7 @@ def test_a_grant_that_reaches_the_broker_while_its_instance_restarts_goes_back_t
     )
 
     with SignalRecorder("lease_granted") as recorder:
-        ref.tell(GrantLease.for_resolve(resolve, "inst-1", endpoint, reused=True))
+        ref.tell(GrantLease.for_request(resolve, "inst-1", endpoint, reused=True))
         _ask(ref, ReleaseLease, lease_ref="lease-sync")  # everything before is handled
 
         assert recorder.records == []

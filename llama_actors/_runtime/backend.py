@@ -296,11 +296,12 @@ class BackendActor(RuntimeActor):
             self.spec, instance_id=self.instance_id, port=port, plan=self.plan
         )
         pid = self.process.pid if self.process is not None else None
+        bound = host_port(self.endpoint.source_runtime_ref)[1]
         now = self.ctx.timers.now()
         self.state = "ready"
         self.ctx.board.ready(
             self.instance_id,
-            port=host_port(self.endpoint.source_runtime_ref)[1],
+            port=bound,
             pid=pid,
             endpoint=self.endpoint,
         )
@@ -309,7 +310,7 @@ class BackendActor(RuntimeActor):
             self.instance_id,
             endpoint=self.endpoint,
             pid=pid,
-            port=host_port(self.endpoint.source_runtime_ref)[1],
+            port=bound,
             elapsed_s=round(now - self._spawned_at, 6),
         )
         self._set_health("healthy", "ready" if first else "ready again after a restart")

@@ -89,11 +89,11 @@ def route(message: Message, ctx: Context) -> tuple[pykka.ActorRef[Any] | None, M
         found = ctx.board.ready_endpoint(message.spec.instance_key)
         if found is not None:
             iid, endpoint = found
-            return ctx.broker, GrantLease.for_resolve(message, iid, endpoint, reused=True)
+            return ctx.broker, GrantLease.for_request(message, iid, endpoint, reused=True)
     if isinstance(message, LeaseInstance):
         ready = ctx.board.endpoint_if_ready(message.instance_id)
         if ready is not None:
-            grant = GrantLease.for_resolve(message, message.instance_id, ready, reused=True)
+            grant = GrantLease.for_request(message, message.instance_id, ready, reused=True)
             return ctx.broker, grant
     return ctx.supervisor, message
 

@@ -238,7 +238,7 @@ class GrantLease(Message, frozen=True, tag=True, kw_only=True):
     fallback: Any = None
 
     @classmethod
-    def for_resolve(
+    def for_request(
         cls,
         msg: Resolve | LeaseInstance,
         instance_id: str,

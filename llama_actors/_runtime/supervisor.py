@@ -183,12 +183,11 @@ class Supervisor(RuntimeActor):
     ) -> None:
         match msg:
             case Resolve() | LeaseInstance():
-                tell(self.ctx.broker, GrantLease.for_resolve(msg, iid, endpoint, reused=reused))
+                tell(self.ctx.broker, GrantLease.for_request(msg, iid, endpoint, reused=reused))
             case Ensure():
                 snapshot = self.ctx.board.snapshot(iid)
                 if snapshot is None:
-                    error = InstanceNotFoundError(f"no instance {iid}", instance_id=iid)
-                    deliver(msg.reply, msg.request_id, error=error)
+                    deliver(msg.reply, msg.request_id, error=instance_not_found(iid))
                 else:
                     ensured = Ensured(instance=snapshot, reused=reused)
                     deliver(msg.reply, msg.request_id, value=ensured)
