@@ -19,6 +19,7 @@ from llama_actors._backends.registry import (
 from llama_actors._cli.config import Config, load_config, parse_config
 from llama_actors._exceptions import *  # noqa: F403 - every error is public
 from llama_actors._kernel.backend import Backend, BackendBase, BackendSpec, ExitVerdict
+from llama_actors._kernel.load import ServerLoad
 from llama_actors._kernel.manifest import BackendManifest, CompatibilityResult, ConsumerManifest
 from llama_actors._kernel.policy import InstancePolicy, RestartPolicy
 from llama_actors._kernel.types import (
@@ -64,6 +65,7 @@ __all__ = [
     "Runtime",
     "RuntimeSnapshot",
     "RuntimeStatistics",
+    "ServerLoad",
     "SignalEvent",
     "SignalStream",
     "attach_spec",

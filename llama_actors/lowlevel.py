@@ -4,8 +4,8 @@ A service needs none of this: :class:`~llama_actors.Runtime` does it all. It is 
 for what sits next to a runtime: rendering a spec without starting it (a dry run),
 probing a llama-server binary, starting one server by hand through the process seam,
 reading the server ledger, classifying a server's log lines, driving time in tests
-(:class:`ManualTimers`), the probes a backend of your own may call, and the pieces
-the runtime's actors are made of.
+(:class:`ManualTimers`), the probes and readers a backend of your own may call, and
+the pieces the runtime's actors are made of.
 
 These names are stable enough to use, but they follow the runtime's needs: expect
 them to change more often than the top-level API.
@@ -14,7 +14,15 @@ them to change more often than the top-level API.
 from llama_actors._base.clock import ManualTimers, Scheduler, TimerHandle, Timers
 from llama_actors._base.secret import Secret
 from llama_actors._base.state import default_state_dir
-from llama_actors._kernel.health import Observation, ProbeGetter, probe_health
+from llama_actors._kernel.health import (
+    HealthTracker,
+    Observation,
+    ProbeGetter,
+    probe_health,
+    probe_inference,
+)
+from llama_actors._kernel.load import LoadReader, parse_metrics, parse_slots
+from llama_actors._kernel.outcomes import OutcomeWindow
 from llama_actors._kernel.policy import RestartDecision, RestartTracker
 from llama_actors._kernel.readiness import ReadyProbe, probe_ready
 from llama_actors._kernel.types import EndpointUrls
@@ -39,12 +47,15 @@ __all__ = [
     "EndpointUrls",
     "FailureKind",
     "FlagInfo",
+    "HealthTracker",
     "LaunchPlan",
     "Ledger",
     "LedgerEntry",
     "LlamaCppBackend",
+    "LoadReader",
     "ManualTimers",
     "Observation",
+    "OutcomeWindow",
     "PrivateFile",
     "ProbeGetter",
     "ProcessExit",
@@ -65,9 +76,12 @@ __all__ = [
     "llama_manifest",
     "locate_binary",
     "parse_help",
+    "parse_metrics",
+    "parse_slots",
     "parse_version",
     "probe_binary",
     "probe_health",
+    "probe_inference",
     "probe_ready",
     "render_command",
 ]

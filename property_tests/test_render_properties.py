@@ -15,6 +15,7 @@ ORDER = [
     "--model", "--alias", "--host", "--port", "--ctx-size", "--gpu-layers", "--n-gpu-layers",
     "--threads", "--threads-batch", "--parallel", "--flash-attn", "--embedding",
     "--api-key-file", "--api-prefix", "--timeout", "--threads-http", "--pooling",
+    "--slots", "--no-slots", "--metrics",
 ]  # fmt: skip
 
 BINARIES = st.sampled_from(
@@ -42,7 +43,9 @@ def test_rendered_flags_appear_once_each_in_the_fixed_order(
     assert plan.argv[0] == binary.path
     assert plan.argv[end:] == spec.extra_args
     # Walk the rendered part as llama-server parses it: a flag, then its value if it takes one.
-    switches = {"--embedding"} | ({"--flash-attn"} if binary.flash_attn_form == "switch" else set())
+    switches = {"--embedding", "--slots", "--no-slots", "--metrics"} | (
+        {"--flash-attn"} if binary.flash_attn_form == "switch" else set()
+    )
     flags, i = [], start
     while i < end:
         flag = plan.argv[i]

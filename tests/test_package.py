@@ -25,19 +25,22 @@ PUBLIC = {
     "BackendSpec", "BootSpec", "CompatibilityResult", "Config", "ConsumerManifest",
     "EndpointDescriptor", "Ensured", "ExitVerdict", "Health", "InstancePolicy", "InstanceState",
     "Lease", "Replied", "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot",
-    "RuntimeStatistics", "SignalEvent", "SignalStream", "attach_spec", "backend_manifest",
-    "backends", "boot_spec", "compatibility", "load_config", "lowlevel", "parse_config",
-    "register_backend", "signal_stream", "signals", "unregister_backend", "validate_spec",
+    "RuntimeStatistics", "ServerLoad", "SignalEvent", "SignalStream", "attach_spec",
+    "backend_manifest", "backends", "boot_spec", "compatibility", "load_config", "lowlevel",
+    "parse_config", "register_backend", "signal_stream", "signals", "unregister_backend",
+    "validate_spec",
 }  # fmt: skip
 #: The plumbing, documented in llama_actors.lowlevel.
 LOWLEVEL = {
-    "NON_RETRYABLE", "EndpointUrls", "FailureKind", "FlagInfo", "LaunchPlan", "Ledger",
-    "LedgerEntry", "LlamaCppBackend", "ManualTimers", "Observation", "PrivateFile",
+    "NON_RETRYABLE", "EndpointUrls", "FailureKind", "FlagInfo", "HealthTracker", "LaunchPlan",
+    "Ledger", "LedgerEntry", "LlamaCppBackend", "LoadReader", "ManualTimers", "Observation",
+    "OutcomeWindow", "PrivateFile",
     "ProbeGetter", "ProcessExit", "ReadyProbe", "RestartDecision", "RestartTracker",
     "Scheduler", "Secret", "ServerBinary", "ServerProcess", "Supervisor", "TimerHandle",
     "Timers", "check_model_file", "classify_line", "clear_probe_cache", "default_state_dir",
     "llama_manifest", "locate_binary", "parse_help", "parse_version", "probe_binary",
-    "probe_health", "probe_ready", "render_command",
+    "parse_metrics", "parse_slots", "probe_health", "probe_inference", "probe_ready",
+    "render_command",
 }  # fmt: skip
 ERRORS = set(_exceptions.__all__)
 

@@ -68,6 +68,8 @@ def test_a_full_spec_renders_every_flag_in_the_contracts_order() -> None:
         "--timeout", "30",
         "--threads-http", "2",
         "--pooling", "mean",
+        "--slots",
+        "--metrics",
         "--no-webui",
     ]  # fmt: skip
     assert plan.env == {"GGML_VERBOSE": "0"}
@@ -78,10 +80,30 @@ def test_a_minimal_spec_renders_only_the_flags_that_always_appear() -> None:
     plan = render()
     assert plan.display_argv()[1:] == [
         "--model", MODEL, "--alias", "gemma", "--host", "127.0.0.1", "--port", "0",
-        "--gpu-layers", "auto", "--flash-attn", "auto",
+        "--gpu-layers", "auto", "--flash-attn", "auto", "--slots", "--metrics",
     ]  # fmt: skip
     assert plan.port_mode == "bind_zero"
     assert plan.private_files == ()
+
+
+def test_slots_and_metrics_are_on_where_the_build_has_them_unless_the_spec_says_no() -> None:
+    # The runtime reads /slots and /metrics for saturation and load figures.
+    assert render().argv[-2:] == ("--slots", "--metrics")
+    assert "--metrics" not in render(metrics=False).argv
+    assert render(slots=False).argv[-2:] == ("--no-slots", "--metrics")
+    # A build without the flags: left out by default, refused when the spec asks.
+    assert not {"--slots", "--metrics"} & set(render(LEGACY).argv)
+    assert "--no-slots" not in render(LEGACY, slots=False).argv
+    with pytest.raises(UnsupportedFlagError, match="--metrics"):
+        render(LEGACY, metrics=True)
+    with pytest.raises(UnsupportedFlagError, match="--slots"):
+        render(LEGACY, slots=True)
+
+
+def test_slots_and_metrics_take_only_true_false_or_nothing() -> None:
+    for field in ("slots", "metrics"):
+        with pytest.raises(LlamaActorsError, match=f"{field}.*must be true, false, or left out"):
+            boot_spec({"model": MODEL, field: "yes"})
 
 
 def test_launcher_args_come_right_after_the_binary() -> None:

@@ -175,7 +175,14 @@ def _validate(
     return specs, policies, errors
 
 
-_OPTIONAL_POLICY_FIELDS = ("idle_shutdown_ms", "wedged_restart_ms")
+_OPTIONAL_POLICY_FIELDS = (
+    "idle_shutdown_ms",
+    "wedged_restart_ms",
+    "inference_probe_interval_ms",
+    "load_interval_ms",
+    "report_degraded_after",
+    "report_unavailable_after",
+)
 
 
 def _policy(table: Any) -> InstancePolicy:

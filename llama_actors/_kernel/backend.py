@@ -15,7 +15,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from llama_actors._kernel.health import Observation, ProbeGetter, probe_health
+from llama_actors._kernel.health import (
+    INFERENCE_BODY,
+    Observation,
+    ProbeGetter,
+    probe_health,
+    probe_inference,
+)
+from llama_actors._kernel.load import LoadReader
 from llama_actors._kernel.manifest import BackendManifest, CompatibilityResult
 from llama_actors._kernel.readiness import ReadyProbe, probe_ready
 from llama_actors._kernel.types import EndpointDescriptor, EndpointUrls
@@ -79,7 +86,9 @@ class Backend(Protocol):
     - :meth:`launch` checks the spec can start (files, binary, flags) and returns the
       launch plan the process seam spawns, or None when nothing is launched (the
       server runs elsewhere: it is probed, leased and forgotten, never signalled);
-    - :meth:`probe_ready` and :meth:`probe_health` make one probe each;
+    - :meth:`probe_ready`, :meth:`probe_health` and :meth:`probe_inference` make one
+      probe each (the last one does real work: CONTRACT §10);
+    - :meth:`load_reader` gives what reads the server's slots and metrics, or None;
     - :meth:`classify_exit` says whether a launched server's exit is worth a restart;
     - :meth:`endpoint` builds the published descriptor once the instance is ready.
 
@@ -104,6 +113,10 @@ class Backend(Protocol):
         timeout_s: float,
         slow_s: float,
     ) -> Observation: ...
+    def probe_inference(
+        self, client: ProbeGetter, spec: BackendSpec, port: int | None, *, timeout_s: float
+    ) -> Observation: ...
+    def load_reader(self, spec: BackendSpec, port: int | None) -> LoadReader | None: ...
     def classify_exit(self, report: ProcessExit) -> ExitVerdict: ...
     def endpoint(
         self,
@@ -119,9 +132,11 @@ class Backend(Protocol):
 class BackendBase:
     """The parts of :class:`Backend` that every OpenAI-compatible HTTP server shares:
     readiness and health probes on the spec's ``health_url`` (``/models`` when a server
-    has no ``/health``), the process seam's exit classification, and an endpoint built
-    from the manifest and the spec's URLs. Subclasses set ``name`` and define
-    ``spec``, ``manifest`` and ``launch``."""
+    has no ``/health``), an inference probe (a one-token ``/completions``), load read
+    from llama-server-style ``/slots`` and ``/metrics`` (a server without them is not
+    asked again), the process seam's exit classification, and an endpoint built from
+    the manifest and the spec's URLs. Subclasses set ``name`` and define ``spec``,
+    ``manifest`` and ``launch``."""
 
     name: str = ""
 
@@ -163,6 +178,21 @@ class BackendBase:
             timeout_s=timeout_s,
             slow_s=slow_s,
         )
+
+    def probe_inference(
+        self, client: ProbeGetter, spec: BackendSpec, port: int | None, *, timeout_s: float
+    ) -> Observation:
+        """POST a one-token completion to ``base_url + "/completions"`` (CONTRACT §10)."""
+        urls = spec.urls(port)
+        body = {**INFERENCE_BODY, "model": spec.alias}
+        return probe_inference(
+            client, urls.base_url + "/completions", body, spec.headers, timeout_s=timeout_s
+        )
+
+    def load_reader(self, spec: BackendSpec, port: int | None) -> LoadReader | None:
+        """A reader of ``/slots`` and ``/metrics`` under the spec's API prefix."""
+        urls = spec.urls(port)
+        return LoadReader(urls.prefix_url, spec.headers)
 
     def classify_exit(self, report: ProcessExit) -> ExitVerdict:
         """The process seam's reading of the server's last log lines."""

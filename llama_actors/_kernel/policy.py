@@ -80,6 +80,18 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
     - ``log_max_bytes`` and ``log_backups``: the server's own output goes to
       ``STATE_DIR/logs/INSTANCE.log``, rotated at ``log_max_bytes`` with
       ``log_backups`` older files kept, so a chatty server cannot fill the disk.
+    - ``inference_probe_interval_ms``: how often the instance is probed with real work
+      (a one-token completion) once ready; None (the default) for never. A failed or
+      timed-out inference probe counts like a failed health probe; after one, the next
+      comes a health interval later until one passes. It is not sent while every slot
+      is busy with callers' work: the slot reading stands in for it then.
+    - ``inference_probe_timeout_ms``: how long an inference probe may take.
+    - ``load_interval_ms``: how often ``/slots`` and ``/metrics`` are read (None: never);
+      a server that offers neither is not asked again.
+    - ``report_window_ms``, ``report_degraded_after``, ``report_unavailable_after``:
+      that many failures reported by callers (``Runtime.report``) within the window
+      make the instance ``degraded``, then ``unavailable``, at once (None: never); a
+      reported success clears them.
     """
 
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
@@ -92,6 +104,12 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
     drain_timeout_ms: int = 5_000
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    inference_probe_interval_ms: int | None = None
+    inference_probe_timeout_ms: int = 10_000
+    load_interval_ms: int | None = 1_000
+    report_window_ms: int = 30_000
+    report_degraded_after: int | None = 2
+    report_unavailable_after: int | None = 5
 
     # The same durations in seconds, the library's inner unit (see _base.units).
     idle_shutdown_s = InSecondsOrNone("idle_shutdown_ms")
@@ -100,6 +118,10 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
     slow_probe_s = InSeconds("slow_probe_ms")
     wedged_restart_s = InSecondsOrNone("wedged_restart_ms")
     drain_timeout_s = InSeconds("drain_timeout_ms")
+    inference_probe_interval_s = InSecondsOrNone("inference_probe_interval_ms")
+    inference_probe_timeout_s = InSeconds("inference_probe_timeout_ms")
+    load_interval_s = InSecondsOrNone("load_interval_ms")
+    report_window_s = InSeconds("report_window_ms")
 
     def __post_init__(self) -> None:
         if self.idle_shutdown_ms is not None:
@@ -113,6 +135,31 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
         _check(self.drain_timeout_ms >= 0, "drain_timeout_ms", self.drain_timeout_ms, ">= 0")
         _check(self.log_max_bytes >= 1024, "log_max_bytes", self.log_max_bytes, ">= 1024")
         _check(self.log_backups >= 1, "log_backups", self.log_backups, ">= 1")
+        for name in ("inference_probe_interval_ms", "load_interval_ms"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(value > 0, name, value, "> 0 (or None for never)")
+        _check(
+            self.inference_probe_timeout_ms > 0,
+            "inference_probe_timeout_ms",
+            self.inference_probe_timeout_ms,
+            "> 0",
+        )
+        _check(self.report_window_ms > 0, "report_window_ms", self.report_window_ms, "> 0")
+        degraded, unavailable = self.report_degraded_after, self.report_unavailable_after
+        for name, value in (
+            ("report_degraded_after", degraded),
+            ("report_unavailable_after", unavailable),
+        ):
+            if value is not None:
+                _check(value >= 1, name, value, ">= 1 (or None for never)")
+        if degraded is not None and unavailable is not None:
+            _check(
+                unavailable >= degraded,
+                "report_unavailable_after",
+                unavailable,
+                f">= report_degraded_after ({degraded})",
+            )
 
 
 def _check(ok: bool, field: str, value: object, rule: str) -> None:

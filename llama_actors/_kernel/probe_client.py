@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["ProbeClient", "ProbeResponse"]
+__all__ = ["ProbeClient", "ProbeGetter", "ProbeResponse"]
 
 
 class ProbeResponse:
@@ -43,10 +43,20 @@ class ProbeResponse:
 
 
 class ProbeClient:
-    """GET over ``http.client`` with httpx's exceptions; safe to share between threads
+    """GET and POST over ``http.client`` with httpx's exceptions; safe to share between threads
     (it keeps no connection)."""
 
     def get(self, url: str, *, headers: Mapping[str, str], timeout: float) -> ProbeResponse:
+        return self._request("GET", url, headers, None, timeout)
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        content: bytes | None,
+        timeout: float,
+    ) -> ProbeResponse:
         parts = urlsplit(url)
         if parts.scheme != "http" or parts.hostname is None:
             raise httpx.UnsupportedProtocol(f"probes speak plain http to a host, not {url!r}")
@@ -55,7 +65,10 @@ class ProbeClient:
             path = f"{path}?{parts.query}"
         connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
         try:
-            connection.request("GET", path, headers={"Connection": "close", **headers})
+            sent = {"Connection": "close", **headers}
+            if content is not None:
+                sent.setdefault("Content-Type", "application/json")
+            connection.request(method, path, body=content, headers=sent)
             response = connection.getresponse()
             return ProbeResponse(response.status, response.read())
         except TimeoutError as exc:
@@ -71,5 +84,16 @@ class ProbeClient:
         finally:
             connection.close()
 
+    def post(
+        self, url: str, *, headers: Mapping[str, str], content: bytes, timeout: float
+    ) -> ProbeResponse:
+        """POST ``content`` (JSON) to ``url``; the same answers and errors as :meth:`get`."""
+        return self._request("POST", url, headers, content, timeout)
+
     def close(self) -> None:
         """Nothing to close: kept for the same shape as ``httpx.Client``."""
+
+
+#: What the probes call: the runtime's :class:`ProbeClient`, or an ``httpx.Client``
+#: (tests hand one on a mock transport).
+ProbeGetter = ProbeClient | httpx.Client

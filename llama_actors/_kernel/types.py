@@ -7,6 +7,7 @@ from typing import Any, Literal
 import msgspec
 
 from llama_actors._base.secret import MASK
+from llama_actors._kernel.load import ServerLoad
 from llama_actors._kernel.manifest import CONTRACT_VERSION, CompatibilityResult
 
 __all__ = [
@@ -42,6 +43,11 @@ class EndpointUrls(msgspec.Struct, frozen=True):
             host = f"[{host.replace('%', '%25')}]"
         root = f"http://{host}:{port}"
         return cls(root, f"{root}{api_prefix}/v1", f"{root}{api_prefix}/health")
+
+    @property
+    def prefix_url(self) -> str:
+        """The root URL with the API prefix: where ``/slots`` and ``/metrics`` live."""
+        return self.base_url.removesuffix("/v1")
 
 
 class EndpointDescriptor(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,7 +109,10 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     it listens, or it answers "Loading model"), ``connecting`` (nothing answers on the
     port yet), ``waiting``
     (it answers, but not ready yet) or ``backoff`` (waiting to be restarted).
-    ``metadata`` is the spec's own ``metadata``.
+    ``health_reason`` and ``health_cause`` say why ``health`` is what it is (the
+    reason and cause of its last change: ``saturated`` is not sickness). ``load`` is
+    the last reading of the server's slots and metrics (None when it offers none, or
+    before the first reading). ``metadata`` is the spec's own ``metadata``.
     """
 
     instance_id: str
@@ -118,6 +127,9 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     uptime_s: float | None = None
     log_path: str | None = None
     last_error: str | None = None
+    health_reason: str | None = None
+    health_cause: str | None = None
+    load: ServerLoad | None = None
     metadata: dict[str, Any] = {}
 
 

@@ -85,6 +85,8 @@ MANAGED_FLAGS: Mapping[str, tuple[str, ...]] = {
     "timeout_seconds": ("-to", "--timeout"),
     "threads_http": ("--threads-http",),
     "pooling": ("--pooling",),
+    "slots": ("--slots", "--no-slots"),
+    "metrics": ("--metrics",),
 }
 _FLAG_OWNER: Mapping[str, str] = {
     flag: field for field, flags in MANAGED_FLAGS.items() for flag in flags
@@ -117,6 +119,8 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     flash_attn: FlashAttn = "auto"
     embeddings: bool = False
     pooling: Pooling | None = None
+    slots: bool | None = None
+    metrics: bool | None = None
     api_key: Secret | None = None
     api_key_file: str | None = None
     file_keys: tuple[Secret, ...] = ()
@@ -392,6 +396,12 @@ def _pooling(value: Any, field: str) -> Pooling | None:
     raise _fail(field, value, f"must be one of {', '.join(POOLING_VALUES)}")
 
 
+def _optional_bool(value: Any, field: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise _fail(field, value, "must be true, false, or left out (on where the build can)")
+
+
 def _check_key(key: str, field: str, masked: Any) -> str:
     """A key must survive a one-key-per-line file and an HTTP header unchanged."""
     if not key:
@@ -520,6 +530,8 @@ _NORMALISERS: Mapping[str, _Normaliser] = {
     "flash_attn": _flash_attn,
     "embeddings": _embeddings,
     "pooling": _pooling,
+    "slots": _optional_bool,
+    "metrics": _optional_bool,
     "api_key": _api_key,
     "api_key_file": _api_key_file,
     **dict.fromkeys(TIMING_FIELDS, _timing),

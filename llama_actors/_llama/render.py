@@ -122,6 +122,8 @@ class _Renderer:
         self.optional_int("timeout_seconds", spec.timeout_seconds)
         self.optional_int("threads_http", spec.threads_http)
         self.pooling()
+        self.slots_endpoint()
+        self.metrics_endpoint()
         self.extra_args()
         return LaunchPlan(
             name=spec.alias,
@@ -200,6 +202,30 @@ class _Renderer:
                 "--pooling", f"this llama-server accepts {sorted(known)}, not {value!r}"
             )
         self.add("pooling", value)
+
+    def slots_endpoint(self) -> None:
+        """``/slots`` on (``--slots``) where the build has the flag, unless the spec
+        says false (``--no-slots``); true requires it."""
+        value = self.spec.slots
+        if value is False:
+            if self.binary.supports("--no-slots"):
+                self.argv.append("--no-slots")
+            return
+        if self.binary.supports("--slots"):
+            self.argv.append("--slots")
+        elif value is True:
+            raise self.unsupported("--slots", "this llama-server has no /slots endpoint")
+
+    def metrics_endpoint(self) -> None:
+        """``--metrics`` where the build has it, unless the spec says false; true
+        requires it. The runtime reads ``/metrics`` for requests deferred and tokens/s."""
+        value = self.spec.metrics
+        if value is False:
+            return
+        if self.binary.supports("--metrics"):
+            self.argv.append("--metrics")
+        elif value is True:
+            raise self.unsupported("--metrics", "this llama-server has no /metrics endpoint")
 
     def extra_args(self) -> None:
         for arg in self.spec.extra_args:

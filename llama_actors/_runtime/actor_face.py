@@ -18,6 +18,7 @@ import pykka
 
 from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
+from llama_actors._kernel.types import EndpointDescriptor, Lease
 from llama_actors._runtime.calls import Call, Calls
 from llama_actors._runtime.context import deliver
 from llama_actors._runtime.requests import Consumer
@@ -107,6 +108,13 @@ class ActorFace:
             deliver(self.reply_to, lease_ref, value=False)
             return lease_ref
         return self._send(call)
+
+    def report(
+        self, lease: str | Lease | EndpointDescriptor, ok: bool, *, detail: str | None = None
+    ) -> None:
+        """:meth:`Runtime.report`: say how a request on a leased endpoint went (nothing
+        is told back)."""
+        self._calls.report(lease, ok, detail)
 
     def stop_instance(self, instance_id: str, *, drain_timeout: float | None = None) -> str:
         """Drain and stop an instance; ``reply_to`` is told its final snapshot

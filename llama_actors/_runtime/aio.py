@@ -275,6 +275,13 @@ class AsyncRuntime:
         released: bool = await self._wait(call, future)
         return released
 
+    async def report(
+        self, lease: str | Lease | EndpointDescriptor, ok: bool, *, detail: str | None = None
+    ) -> None:
+        """:meth:`Runtime.report`, awaitable (it returns at once): say how a request on
+        a leased endpoint went."""
+        self._calls.report(lease, ok, detail)
+
     # -- looking (these answer at once) --------------------------------------------------
 
     def snapshot(self, instance_id: str) -> RuntimeSnapshot:

@@ -26,6 +26,8 @@ from llama_actors._exceptions import (
     ServerExitedError,
 )
 from llama_actors._kernel.backend import Backend, BackendSpec, host_port
+from llama_actors._kernel.health import HealthCause, worse
+from llama_actors._kernel.outcomes import OutcomeWindow
 from llama_actors._kernel.policy import InstancePolicy, RestartTracker
 from llama_actors._kernel.readiness import StallDeadline
 from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState
@@ -41,6 +43,8 @@ from llama_actors._runtime.messages import (
     InstanceStopped,
     KillDeadline,
     Message,
+    OutcomeReported,
+    OutcomeWindowCheck,
     Pause,
     PortKnown,
     ProcessExited,
@@ -109,6 +113,13 @@ class BackendActor(RuntimeActor):
         self._respawn_token = 0
         self._wedge_token = 0
         self._poller: pykka.ActorRef[Any] | None = None
+        # What the poller's probes say, and what callers report: the published
+        # health is the worse of the two (CONTRACT §10).
+        self._probed: tuple[Health, str, HealthCause] = ("healthy", "ready", "ready")
+        self.outcomes = OutcomeWindow(
+            policy.report_window_s, policy.report_degraded_after, policy.report_unavailable_after
+        )
+        self._outcome_token = 0
 
     # -- pykka hooks ------------------------------------------------------------------
 
@@ -152,9 +163,17 @@ class BackendActor(RuntimeActor):
             case ProcessExited(generation=gen, exit=report):
                 if gen == self.generation:
                     self._exited(report)
-            case HealthReport(generation=gen, new=new, reason=reason):
+            case HealthReport(generation=gen, new=new, reason=reason, cause=cause):
                 if gen == self.generation and self.state == "ready":
-                    self._set_health(new, reason)
+                    self._probed = (new, reason, cause)
+                    self._publish_health()
+            case OutcomeReported(ok=ok, detail=detail):
+                if self.state == "ready":
+                    self.outcomes.record(ok, detail, self.ctx.timers.now())
+                    self._publish_health()
+            case OutcomeWindowCheck(token=token):
+                if token == self._outcome_token and self.state == "ready":
+                    self._publish_health()
             case WedgeCheck(generation=gen, token=token):
                 if gen == self.generation and token == self._wedge_token:
                     self._wedge_check()
@@ -313,7 +332,9 @@ class BackendActor(RuntimeActor):
             port=bound,
             elapsed_s=round(now - self._spawned_at, 6),
         )
-        self._set_health("healthy", "ready" if first else "ready again after a restart")
+        self.outcomes.clear()
+        self._probed = ("healthy", "ready" if first else "ready again after a restart", "ready")
+        self._publish_health()
         tell(
             self.ctx.supervisor, InstanceReady(instance_id=self.instance_id, endpoint=self.endpoint)
         )
@@ -333,12 +354,40 @@ class BackendActor(RuntimeActor):
 
     # -- after ready --------------------------------------------------------------------
 
-    def _set_health(self, new: Health, reason: str) -> None:
+    def _publish_health(self) -> None:
+        """Publish the worse of what the probes say and what callers report, and look
+        again when the oldest reported failure leaves its window."""
+        new, reason, cause = self._probed
+        now = self.ctx.timers.now()
+        callers = self.outcomes.verdict(now)
+        if callers is not None and worse(callers[0], new):
+            new, reason, cause = callers[0], callers[1], "callers"
+        self._set_health(new, reason, cause)
+        self._outcome_token += 1
+        expiry = self.outcomes.next_expiry()
+        if expiry is not None:
+            tell_later(
+                self.ctx.timers,
+                max(0.0, expiry - now),
+                self.actor_ref,
+                OutcomeWindowCheck(token=self._outcome_token),
+            )
+
+    def _set_health(self, new: Health, reason: str, cause: HealthCause) -> None:
         if new == self.health:
             return
         old, self.health = self.health, new
-        self.ctx.board.set_health(self.instance_id, new)
-        emit(health_changed, self.instance_id, old=old, new=new, reason=reason)
+        self.ctx.board.set_health(self.instance_id, new, reason, cause)
+        load = self.ctx.board.load(self.instance_id)
+        emit(
+            health_changed,
+            self.instance_id,
+            old=old,
+            new=new,
+            reason=reason,
+            cause=cause,
+            load=load,
+        )
         wedged_s = self.policy.wedged_restart_s
         launched = self.process is not None
         if new == "unavailable" and self.state == "ready" and wedged_s is not None and launched:
@@ -382,7 +431,7 @@ class BackendActor(RuntimeActor):
             )
             self._give_up(message, ServerExitedError(message, report), report)
             return
-        self._set_health("unavailable", f"process exited: {why}")
+        self._set_health("unavailable", f"process exited: {why}", "exited")
         if self._pinned and verdict.failure == "bind_failure":
             # Another program took the old port between our check and the server's bind:
             # the next attempt takes any free port, so this one is worth retrying.
@@ -460,7 +509,7 @@ class BackendActor(RuntimeActor):
             self.state = "stopped"
             self.ctx.board.stopped(self.instance_id)
             if self.health not in ("unknown", "unavailable"):
-                self._set_health("unavailable", f"stopped: {reason}")
+                self._set_health("unavailable", f"stopped: {reason}", "stopped")
             emit(instance_stopped, self.instance_id, reason=reason, exit=report)
         tell(self.ctx.supervisor, InstanceStopped(instance_id=self.instance_id))
 
@@ -476,7 +525,7 @@ class BackendActor(RuntimeActor):
         self.state = "failed"
         self.ctx.board.failed(self.instance_id, last_error=reason)
         if self.health not in ("unknown", "unavailable"):
-            self._set_health("unavailable", reason)
+            self._set_health("unavailable", reason, "failed")
         if self.process is not None and self.process.exit is None:
             self._terminate()
         emit(instance_failed, self.instance_id, reason=reason, exit=report)

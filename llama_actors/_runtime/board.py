@@ -1,8 +1,9 @@
 """The status board: the runtime's read model of every instance.
 
-Each field has one writer (the instance's BackendActor, or the LeaseBroker for lease
-counts); anyone may read. So ``snapshot()`` and ``instances()`` answer at once from
-any thread, even while every actor is busy, and nobody asks an actor for its state.
+Each field has one writer (the instance's BackendActor; its HealthPoller for the load
+reading; the LeaseBroker for lease counts); anyone may read. So ``snapshot()`` and
+``instances()`` answer at once from any thread, even while every actor is busy, and
+nobody asks an actor for its state.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from llama_actors._kernel.load import ServerLoad
 from llama_actors._kernel.manifest import BackendManifest
 from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState, RuntimeSnapshot
 
@@ -22,10 +24,13 @@ class _Row:
     __slots__ = (
         "endpoint",
         "health",
+        "health_cause",
+        "health_reason",
         "instance_id",
         "instance_key",
         "last_error",
         "lease_count",
+        "load",
         "log_path",
         "manifest",
         "metadata",
@@ -51,6 +56,9 @@ class _Row:
         self.metadata = metadata
         self.state: InstanceState = "starting"
         self.health: Health = "unknown"
+        self.health_reason: str | None = None
+        self.health_cause: str | None = None
+        self.load: ServerLoad | None = None
         self.phase: str | None = "spawning"
         self.pid: int | None = None
         self.port: int | None = None
@@ -128,14 +136,27 @@ class StatusBoard:
 
     def stopped(self, instance_id: str) -> None:
         """The instance stopped; it publishes nothing any more (BackendActor)."""
-        self._write(instance_id, "stopped", ready_since=None, endpoint=None)
+        self._write(instance_id, "stopped", ready_since=None, endpoint=None, load=None)
 
     def failed(self, instance_id: str, *, last_error: str) -> None:
         """Supervision gave up on the instance (BackendActor)."""
-        self._write(instance_id, "failed", ready_since=None, endpoint=None, last_error=last_error)
+        self._write(
+            instance_id, "failed", ready_since=None, endpoint=None, last_error=last_error, load=None
+        )
 
-    def set_health(self, instance_id: str, health: Health) -> None:
-        self._write(instance_id, None, health=health)
+    def set_health(self, instance_id: str, health: Health, reason: str, cause: str) -> None:
+        """The instance's published health changed (BackendActor)."""
+        self._write(instance_id, None, health=health, health_reason=reason, health_cause=cause)
+
+    def set_load(self, instance_id: str, load: ServerLoad | None) -> None:
+        """The last reading of the server's slots and metrics (HealthPoller)."""
+        self._write(instance_id, None, load=load)
+
+    def load(self, instance_id: str) -> ServerLoad | None:
+        """The instance's last load reading, if any."""
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else row.load
 
     def set_phase(self, instance_id: str, phase: str) -> None:
         self._write(instance_id, None, phase=phase)
@@ -228,5 +249,8 @@ class StatusBoard:
             uptime_s=uptime,
             log_path=row.log_path,
             last_error=row.last_error,
+            health_reason=row.health_reason,
+            health_cause=row.health_cause,
+            load=row.load if row.state == "ready" else None,
             metadata=dict(row.metadata),
         )

@@ -31,8 +31,10 @@ from llama_actors._runtime.messages import (
     IdleExpired,
     InstanceGone,
     Message,
+    OutcomeReported,
     ReleaseLease,
     RenewLease,
+    ReportOutcome,
     TrackInstance,
 )
 from llama_actors._runtime.signals import (
@@ -88,6 +90,16 @@ class LeaseBroker(RuntimeActor):
                 self._answer(reply, ref, lambda: self._renew(ref, ttl))
             case ReleaseLease(lease_ref=ref, reply=reply):
                 self._answer(reply, ref, lambda: self._release(ref, "released"))
+            case ReportOutcome(lease_ref=ref, ok=ok, detail=detail):
+                lease = self.table.get(ref)
+                if lease is None:
+                    # Ended or never granted: nobody holds it, so it speaks for nobody.
+                    log.debug("lease broker: outcome reported on %s, which is not live", ref)
+                else:
+                    report = OutcomeReported(
+                        instance_id=lease.instance_id, lease_ref=ref, ok=ok, detail=detail
+                    )
+                    tell(self.ctx.supervisor, report)
             case CancelGrant(request_id=rid):
                 if (ref := self._grants.pop(rid, "")) != "":
                     self._release(ref, "released")

@@ -24,10 +24,12 @@ import pykka
 from llama_actors._exceptions import (
     LlamaActorsError,
     RuntimeClosedError,
+    UsageError,
     WaitTimeoutError,
 )
 from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
+from llama_actors._kernel.types import EndpointDescriptor, Lease
 from llama_actors._runtime.board import StatusBoard
 from llama_actors._runtime.context import Context, tell
 from llama_actors._runtime.messages import (
@@ -38,6 +40,7 @@ from llama_actors._runtime.messages import (
     Message,
     ReleaseLease,
     RenewLease,
+    ReportOutcome,
     Resolve,
     StopRequest,
 )
@@ -52,7 +55,9 @@ from llama_actors._runtime.requests import (
     request_id,
 )
 
-__all__ = ["Call", "Calls", "route"]
+__all__ = ["Call", "Calls", "lease_ref_of", "route"]
+
+_DETAIL_MAX = 500
 
 #: A reply target: a future to set, or an actor to tell a ``Replied``.
 Reply = pykka.Future[Any] | pykka.ActorRef[Any] | None
@@ -75,15 +80,15 @@ class Call:
 def route(message: Message, ctx: Context) -> tuple[pykka.ActorRef[Any] | None, Message]:
     """Which actor a request goes to, and as what.
 
-    Renewals and releases go to the LeaseBroker; everything else to the Supervisor,
-    except a resolve or a lease_instance whose instance is already ready: that goes
-    straight to the broker as a grant, one hop fewer on the path every warm resolve
-    takes. If the instance is not ready by the time the broker sees it (restarting,
+    Renewals, releases and reported outcomes go to the LeaseBroker; everything else
+    to the Supervisor, except a resolve or a lease_instance whose instance is already
+    ready: that goes straight to the broker as a grant, one hop fewer on the path every
+    warm resolve takes. If the instance is not ready by the time the broker sees it (restarting,
     draining or gone), the broker hands the request to the supervisor, which parks it
     until the instance is ready again, starts a fresh one or refuses it, so the
     shortcut never changes an answer.
     """
-    if isinstance(message, RenewLease | ReleaseLease):
+    if isinstance(message, RenewLease | ReleaseLease | ReportOutcome):
         return ctx.broker, message
     if isinstance(message, Resolve):
         found = ctx.board.ready_endpoint(message.spec.instance_key)
@@ -225,6 +230,20 @@ class Calls:
         message = ReleaseLease(lease_ref=lease_ref, reply=reply)
         return Call(message, reply, self.ask_timeout, f"releasing {lease_ref}", lease_ref)
 
+    def report(self, lease: str | Lease | EndpointDescriptor, ok: bool, detail: str | None) -> None:
+        """Send a caller's outcome on its lease (told, never answered: it must not slow
+        the request path down). Dropped once the runtime is closed."""
+        ref = lease_ref_of(lease)
+        if not isinstance(ok, bool):
+            raise UsageError(f"report(ok={ok!r}): ok must be True or False")
+        if detail is not None and not isinstance(detail, str):
+            raise UsageError(f"report(detail={detail!r}): detail must be a string or None")
+        if self._closed():
+            return
+        text = (detail or ("ok" if ok else "failed (no detail given)"))[:_DETAIL_MAX]
+        target, message = route(ReportOutcome(lease_ref=ref, ok=ok, detail=text), self.ctx)
+        tell(target, message)
+
     def stop(
         self,
         instance_id: str,
@@ -299,3 +318,19 @@ class Calls:
     def _check_open(self) -> None:
         if self._closed():
             raise RuntimeClosedError("this Runtime is closed; create a new one")
+
+
+def lease_ref_of(lease: str | Lease | EndpointDescriptor) -> str:
+    """The lease ref of a lease, a leased endpoint or a ref; a clear error otherwise."""
+    if isinstance(lease, str) and lease:
+        return lease
+    if isinstance(lease, Lease):
+        return lease.lease_ref
+    if isinstance(lease, EndpointDescriptor):
+        if lease.lease_ref is None:
+            raise UsageError(
+                f"endpoint {lease.endpoint_id} is the published copy, which holds no lease: "
+                "report on the endpoint resolve_endpoint or lease_instance handed you"
+            )
+        return lease.lease_ref
+    raise UsageError(f"expected a lease ref, a Lease or a leased EndpointDescriptor, not {lease!r}")

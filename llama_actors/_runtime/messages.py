@@ -8,11 +8,12 @@ on another. Fields typed ``Any`` hold live objects (futures, exit reports, error
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from llama_actors._kernel.backend import Backend, BackendSpec
+from llama_actors._kernel.health import HealthCause
 from llama_actors._kernel.manifest import CompatibilityResult
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import EndpointDescriptor, Health
@@ -39,6 +40,8 @@ __all__ = [
     "KillDeadline",
     "LeaseInstance",
     "Message",
+    "OutcomeReported",
+    "OutcomeWindowCheck",
     "Pause",
     "PortKnown",
     "ProbeTick",
@@ -47,6 +50,7 @@ __all__ = [
     "ReleaseLease",
     "RenewLease",
     "Replied",
+    "ReportOutcome",
     "Resolve",
     "Respawn",
     "StopInstance",
@@ -170,9 +174,27 @@ class ProcessExited(Message, frozen=True, tag=True, kw_only=True):
 
 
 class HealthReport(Message, frozen=True, tag=True, kw_only=True):
+    """The poller's verdict changed (from its probes and load readings)."""
+
     generation: int
     new: Health
     reason: str
+    cause: HealthCause = "probe"
+
+
+class OutcomeReported(Message, frozen=True, tag=True, kw_only=True):
+    """A caller holding ``lease_ref`` on the instance says how its request went."""
+
+    instance_id: str
+    lease_ref: str
+    ok: bool
+    detail: str
+
+
+class OutcomeWindowCheck(Message, frozen=True, tag=True, kw_only=True):
+    """The oldest failure reported by callers leaves its window now."""
+
+    token: int
 
 
 class WedgeCheck(Message, frozen=True, tag=True, kw_only=True):
@@ -205,7 +227,11 @@ class Pause(Message, frozen=True, tag=True, kw_only=True):
 
 
 class ProbeTick(Message, frozen=True, tag=True, kw_only=True):
+    """Time for one probe: ``health`` (``/health``), ``load`` (``/slots`` and
+    ``/metrics``) or ``inference`` (real work)."""
+
     generation: int
+    kind: Literal["health", "load", "inference"] = "health"
 
 
 # -- to the LeaseBroker ------------------------------------------------------------------
@@ -272,6 +298,14 @@ class RenewLease(Message, frozen=True, tag=True, kw_only=True):
 class ReleaseLease(Message, frozen=True, tag=True, kw_only=True):
     lease_ref: str
     reply: Any
+
+
+class ReportOutcome(Message, frozen=True, tag=True, kw_only=True):
+    """``Runtime.report``: the broker finds the lease's instance and passes it on."""
+
+    lease_ref: str
+    ok: bool
+    detail: str
 
 
 class CancelGrant(Message, frozen=True, tag=True, kw_only=True):

@@ -1,20 +1,32 @@
-"""HealthPoller: one per instance. Has the instance's backend probe it every
-``health_interval_ms`` with the runtime's probe client (a fresh connection each time)
-and a short timeout (``/health``, classified as CONTRACT §5 says, for the built-in
-backends) and tells its BackendActor when the state changes, once per change. The
-BackendActor owns the published health; the poller only observes.
+"""HealthPoller: one per instance. While the instance is ready it has the instance's
+backend make three kinds of probe, each on its own schedule, with the runtime's probe
+client (a fresh connection each time) and a timeout:
+
+- ``health``: ``/health`` every ``health_interval_ms`` (CONTRACT §5);
+- ``load``: ``/slots`` and ``/metrics`` every ``load_interval_ms``; the figures go to
+  the status board, and every slot busy with requests deferred makes the instance
+  ``degraded`` with the cause ``saturated`` (CONTRACT §10);
+- ``inference``: real work every ``inference_probe_interval_ms`` (off by default). It
+  is not sent while every slot is busy with callers' work, where it would only queue:
+  the slot reading stands in for it then (``/slots`` is answered by the same loop that
+  decodes, so a stuck decode loop does not answer it either).
+
+A :class:`HealthTracker` turns what they see into one state, and the poller tells its
+BackendActor when that changes, once per change. The BackendActor owns the published
+health (it also weighs what callers report); the poller only observes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import pykka
 
 from llama_actors._base.clock import TimerHandle
 from llama_actors._kernel.backend import Backend, BackendSpec
-from llama_actors._kernel.health import HealthTracker
+from llama_actors._kernel.health import HealthTracker, Observation, Transition
+from llama_actors._kernel.load import LoadReader, ServerLoad
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.context import Context, tell, tell_later
@@ -24,10 +36,11 @@ from llama_actors._runtime.signals import emit, probe_completed
 __all__ = ["HealthPoller"]
 
 log = logging.getLogger("llama_actors.runtime")
+Kind = Literal["health", "load", "inference"]
 
 
 class HealthPoller(RuntimeActor):
-    """Polls one instance's health while it is ready; see the module docstring."""
+    """Probes one instance while it is ready; see the module docstring."""
 
     def __init__(
         self,
@@ -49,60 +62,135 @@ class HealthPoller(RuntimeActor):
         self.port: int | None = None
         self.watching = False
         self.tracker = HealthTracker(policy.unavailable_after)
+        self.reader: LoadReader | None = None
         self.last_latency_s: float | None = None
-        self._next: TimerHandle | None = None
+        self._next: dict[Kind, TimerHandle] = {}
 
     def __repr__(self) -> str:
         return f"<HealthPoller of {self.instance_id}>"
 
     def on_stop(self) -> None:
-        if self._next is not None:
-            self._next.cancel()
+        self._cancel()
 
     def after_internal_error(self, exc: Exception) -> None:
-        self._schedule()  # keep polling
+        for kind in ("health", "load", "inference"):
+            self._schedule(kind)  # keep polling
 
     def handle(self, message: Message) -> None:
         match message:
             case Watch(generation=gen, port=port):
+                self._cancel()
                 self.generation, self.port, self.watching = gen, port, True
                 self.tracker = HealthTracker(self.policy.unavailable_after)
-                self._schedule()
+                self.reader = None
+                if self.policy.load_interval_s is not None:
+                    self.reader = self.backend.load_reader(self.spec, port)
+                self._schedule("health")
+                self._schedule("load", 0.0)
+                self._schedule("inference")
             case Pause(generation=gen):
                 if gen == self.generation:
                     self.generation = None
-                    if self._next is not None:
-                        self._next.cancel()
-            case ProbeTick(generation=gen):
-                if gen is not None and gen == self.generation:
-                    self._probe(gen)
+                    self._cancel()
+            case ProbeTick(generation=gen, kind=kind):
+                if gen is not None and gen == self.generation and self.watching:
+                    self._run(gen, kind)
             case _:
                 log.warning("health poller of %s: unexpected %r", self.instance_id, message)
 
-    def _probe(self, gen: int) -> None:
-        if not self.watching:
-            return
+    def _run(self, gen: int, kind: Kind) -> None:
         started = self.ctx.timers.now()
-        obs = self.backend.probe_health(
-            self.ctx.client,
-            self.spec,
-            self.port,
-            timeout_s=self.policy.probe_timeout_s,
-            slow_s=self.policy.slow_probe_s,
-        )
-        self.last_latency_s = obs.latency_s
-        emit(probe_completed, self.instance_id, latency_s=obs.latency_s, verdict=obs.verdict)
-        if (change := self.tracker.observe(obs)) is not None:
-            tell(self.owner, HealthReport(generation=gen, new=change.new, reason=change.reason))
-        elapsed = self.ctx.timers.now() - started
-        self._schedule(max(0.0, self.spec.health_interval_s - elapsed))
+        self._next.pop(kind, None)
+        delay: float | None
+        if kind == "health":
+            obs = self.backend.probe_health(
+                self.ctx.client,
+                self.spec,
+                self.port,
+                timeout_s=self.policy.probe_timeout_s,
+                slow_s=self.policy.slow_probe_s,
+            )
+            self.last_latency_s = obs.latency_s
+            emit(probe_completed, self.instance_id, latency_s=obs.latency_s, verdict=obs.verdict)
+            self._report(gen, self.tracker.observe(obs))
+            delay = self.spec.health_interval_s
+        elif kind == "load":
+            self._read_load(gen, self.policy.probe_timeout_s)
+            delay = self.policy.load_interval_s
+        else:
+            obs = self._probe_inference(gen)
+            self._report(gen, self.tracker.observe(obs))
+            delay = self.policy.inference_probe_interval_s
+            if delay is not None and obs.verdict == "failure":
+                delay = min(delay, self.spec.health_interval_s)  # confirm it soon
+        if delay is not None:
+            elapsed = self.ctx.timers.now() - started
+            self._schedule(kind, max(0.0, delay - elapsed))
 
-    def _schedule(self, delay: float | None = None) -> None:
+    def _read_load(self, gen: int, timeout_s: float) -> ServerLoad | None:
+        reader = self.reader
+        if reader is None:
+            return None
+        load = reader.read(self.ctx.client, timeout_s=timeout_s, now=self.ctx.timers.now())
+        self.ctx.board.set_load(self.instance_id, load)
+        if load is None:
+            self.reader = None  # it offers neither /slots nor /metrics: stop asking
+            self._report(gen, self.tracker.observe_load(None))
+        elif load.error is None:
+            why = f"saturated: {load.describe()}" if load.saturated else None
+            self._report(gen, self.tracker.observe_load(why))
+        return load
+
+    def _probe_inference(self, gen: int) -> Observation:
+        timeout = self.policy.inference_probe_timeout_s
+        if self.reader is not None and self.reader.slots_offered:
+            load = self._read_load(gen, timeout)
+            if self.reader is not None and self.reader.timed_out:
+                return Observation(
+                    "failure",
+                    f"inference probe: the decode loop did not answer ({load and load.error})",
+                    timeout,
+                    kind="inference",
+                )
+            if load is not None and load.error is None and load.all_slots_busy:
+                return Observation(
+                    "healthy",
+                    f"inference probe not sent: all {load.slots_total} slots are busy with "
+                    "callers' work, and the loop that runs them answered /slots",
+                    kind="inference",
+                )
+        return self.backend.probe_inference(
+            self.ctx.client, self.spec, self.port, timeout_s=timeout
+        )
+
+    def _report(self, gen: int, change: Transition | None) -> None:
+        if change is not None:
+            message = HealthReport(
+                generation=gen, new=change.new, reason=change.reason, cause=change.cause
+            )
+            tell(self.owner, message)
+
+    def _schedule(self, kind: Kind, delay: float | None = None) -> None:
         if self.generation is None:
             return
-        if self._next is not None:
-            self._next.cancel()
-        wait = self.spec.health_interval_s if delay is None else delay
-        self._next = tell_later(
-            self.ctx.timers, wait, self.actor_ref, ProbeTick(generation=self.generation)
+        if delay is None:
+            delay = {
+                "health": self.spec.health_interval_s,
+                "load": self.policy.load_interval_s,
+                "inference": self.policy.inference_probe_interval_s,
+            }[kind]
+        if delay is None or (kind == "load" and self.reader is None):
+            return
+        if (handle := self._next.get(kind)) is not None:
+            handle.cancel()
+        self._next[kind] = tell_later(
+            self.ctx.timers,
+            delay,
+            self.actor_ref,
+            ProbeTick(generation=self.generation, kind=kind),
         )
+
+    def _cancel(self) -> None:
+        for handle in self._next.values():
+            handle.cancel()
+        self._next.clear()

@@ -237,6 +237,22 @@ class Runtime:
         released: bool = self._calls.wait(call)
         return released
 
+    def report(
+        self, lease: str | Lease | EndpointDescriptor, ok: bool, *, detail: str | None = None
+    ) -> None:
+        """Say how a request on a leased endpoint went: ``ok`` False when it failed or
+        timed out, with ``detail`` saying how.
+
+        ``lease`` is the lease ref, the :class:`Lease` or the leased endpoint. It
+        returns at once (the outcome is told, not asked). Failures reported within
+        ``report_window_ms`` make the instance ``degraded`` after
+        ``report_degraded_after`` of them and ``unavailable`` after
+        ``report_unavailable_after`` (its policy), without waiting for a probe; a
+        reported success clears them. An outcome on a lease that has ended counts for
+        nothing. :mod:`llama_actors.clients` wires this into httpx and OpenAI clients.
+        """
+        self._calls.report(lease, ok, detail)
+
     # -- looking ------------------------------------------------------------------------
 
     def snapshot(self, instance_id: str) -> RuntimeSnapshot:

@@ -43,6 +43,7 @@ from llama_actors._runtime.messages import (
     InstanceStopped,
     LeaseInstance,
     Message,
+    OutcomeReported,
     Resolve,
     StopInstance,
     StopRequest,
@@ -105,6 +106,9 @@ class Supervisor(RuntimeActor):
                 if inst is not None and not inst.stopping and not inst.done:
                     log.info("instance %s: idle shutdown after its last lease ended", iid)
                     self._begin_stop(iid, "idle: no lease held for idle_shutdown_ms", 0.0, None)
+            case OutcomeReported(instance_id=iid):
+                if (inst := self.registry.get(iid)) is not None:
+                    tell(inst.ref, message)
             case Drained(instance_id=iid):
                 if (inst := self.registry.get(iid)) is not None:
                     tell(inst.ref, StopInstance(reason=inst.stop_reason))

@@ -81,6 +81,8 @@ CURRENT_HELP = """\
                                         (env: LLAMA_ARG_THREADS_HTTP)
 --ui,  --webui, --no-ui, --no-webui     whether to enable the Web UI (default: enabled)
 --metrics                               enable prometheus compatible metrics endpoint (default: disabled)
+--slots, --no-slots                     expose slots monitoring endpoint (default: enabled)
+                                        (env: LLAMA_ARG_ENDPOINT_SLOTS)
 --jinja, --no-jinja                     whether to use jinja template engine for chat (default: enabled)
 """
 

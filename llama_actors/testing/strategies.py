@@ -87,10 +87,12 @@ IDENTITY_FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "flash_attn": st.sampled_from(FLASH_ATTN_VALUES),
     "embeddings": st.booleans(),
     "pooling": st.one_of(st.none(), st.sampled_from(POOLING_VALUES)),
+    "slots": st.one_of(st.none(), st.booleans()),
+    "metrics": st.one_of(st.none(), st.booleans()),
     "api_key": st.one_of(st.none(), _KEY),
     "environment": st.dictionaries(_ENV_NAMES, _ENV_VALUES, max_size=3),
     "extra_args": st.lists(
-        st.sampled_from(["--no-webui", "--jinja", "--seed", "42", "--metrics"]), max_size=3
+        st.sampled_from(["--no-webui", "--jinja", "--seed", "42", "--webui"]), max_size=3
     ),
 }
 
