@@ -29,8 +29,9 @@ class ServerLoad(msgspec.Struct, frozen=True, kw_only=True):
     - ``slots_total``, ``slots_busy``: from ``/slots``;
     - ``requests_processing``, ``requests_deferred``: from ``/metrics`` (a deferred
       request waits for a free slot);
-    - ``prompt_tokens_per_s``, ``generation_tokens_per_s``: the server's own average
-      throughput since it started, from ``/metrics``;
+    - ``prompt_tokens_per_s``, ``generation_tokens_per_s``: the server's speed while
+      processing, averaged since it started (its token and seconds counters in
+      ``/metrics``; 0 before any work);
     - ``kv_cache_tokens``: tokens held in the context of the busy slots, and
       ``kv_cache_ratio``: the fullest busy slot's use of its context (0 to 1), from
       ``/slots``;
@@ -98,33 +99,48 @@ def parse_slots(body: Any) -> dict[str, Any]:
     }
 
 
-_METRICS = {
+_GAUGES = {
     "llamacpp:requests_processing": "requests_processing",
     "llamacpp:requests_deferred": "requests_deferred",
-    "llamacpp:prompt_tokens_seconds": "prompt_tokens_per_s",
-    "llamacpp:predicted_tokens_seconds": "generation_tokens_per_s",
 }
-_INTEGERS = frozenset({"requests_processing", "requests_deferred"})
+# Throughput from the counters: llama-server's own ``*_tokens_seconds`` gauges cover only
+# the time since the previous read of /metrics (each read resets them), so two readers
+# would each see a part. The counters are never reset.
+_RATES = {
+    "prompt_tokens_per_s": ("llamacpp:prompt_tokens_total", "llamacpp:prompt_seconds_total"),
+    "generation_tokens_per_s": (
+        "llamacpp:tokens_predicted_total",
+        "llamacpp:tokens_predicted_seconds_total",
+    ),
+}
+_WANTED = frozenset(_GAUGES) | {name for pair in _RATES.values() for name in pair}
 
 
 def parse_metrics(text: str) -> dict[str, Any]:
     """The figures of llama-server's Prometheus text (``llamacpp:`` families); others
-    are ignored, so a server of another kind gives ``{}``."""
-    figures: dict[str, Any] = {}
+    are ignored, so a server of another kind gives ``{}``. Throughput is the average
+    while processing since the server started: tokens over seconds spent on them."""
+    values: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith("llamacpp:"):
             continue
         name, _, rest = line.partition(" ")
-        field = _METRICS.get(name.split("{", 1)[0])
-        if field is None:
+        name = name.split("{", 1)[0]
+        if name not in _WANTED:
             continue
         try:
             value = float(rest.split()[0])
         except (IndexError, ValueError):
             continue
-        if not math.isfinite(value):
-            continue
-        figures[field] = int(value) if field in _INTEGERS else round(value, 3)
+        if math.isfinite(value):
+            values[name] = value
+    figures: dict[str, Any] = {
+        field: int(values[name]) for name, field in _GAUGES.items() if name in values
+    }
+    for field, (tokens, seconds) in _RATES.items():
+        if tokens in values and seconds in values:
+            spent = values[seconds]
+            figures[field] = round(values[tokens] / spent, 3) if spent > 0 else 0.0
     return figures
 
 

@@ -30,11 +30,15 @@ class OutcomeWindow:
         self._failures: deque[tuple[float, str]] = deque()
         self.reported_ok = 0
         self.reported_failed = 0
+        #: How the last failures stopped counting, for the reason of the recovery.
+        self.cleared = ""
 
     def record(self, ok: bool, detail: str, now: float) -> None:
         """One caller's outcome at ``now``."""
         if ok:
             self.reported_ok += 1
+            if self._failures:
+                self.cleared = "a caller reported a success"
             self._failures.clear()
         else:
             self.reported_failed += 1
@@ -67,3 +71,4 @@ class OutcomeWindow:
     def _prune(self, now: float) -> None:
         while self._failures and self._failures[0][0] + self.window_s <= now:
             self._failures.popleft()
+            self.cleared = f"the failures reported by callers left the {self.window_s:g}s window"

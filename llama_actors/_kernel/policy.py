@@ -83,8 +83,10 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
     - ``inference_probe_interval_ms``: how often the instance is probed with real work
       (a one-token completion) once ready; None (the default) for never. A failed or
       timed-out inference probe counts like a failed health probe; after one, the next
-      comes a health interval later until one passes. It is not sent while every slot
-      is busy with callers' work: the slot reading stands in for it then.
+      comes a health interval later until one passes. ``/slots`` is read first (the
+      decode loop answers it: no answer is a failure); while every slot is busy with
+      callers' work the probe is not sent, and one that timed out behind them is not
+      judged.
     - ``inference_probe_timeout_ms``: how long an inference probe may take.
     - ``load_interval_ms``: how often ``/slots`` and ``/metrics`` are read (None: never);
       a server that offers neither is not asked again.

@@ -120,6 +120,7 @@ class BackendActor(RuntimeActor):
             policy.report_window_s, policy.report_degraded_after, policy.report_unavailable_after
         )
         self._outcome_token = 0
+        self._cause: HealthCause = "ready"  # of the published health
 
     # -- pykka hooks ------------------------------------------------------------------
 
@@ -362,6 +363,8 @@ class BackendActor(RuntimeActor):
         callers = self.outcomes.verdict(now)
         if callers is not None and worse(callers[0], new):
             new, reason, cause = callers[0], callers[1], "callers"
+        elif self._cause == "callers" and new != self.health:
+            reason, cause = f"{self.outcomes.cleared}; the probes say: {reason}", "callers"
         self._set_health(new, reason, cause)
         self._outcome_token += 1
         expiry = self.outcomes.next_expiry()
@@ -376,7 +379,7 @@ class BackendActor(RuntimeActor):
     def _set_health(self, new: Health, reason: str, cause: HealthCause) -> None:
         if new == self.health:
             return
-        old, self.health = self.health, new
+        old, self.health, self._cause = self.health, new, cause
         self.ctx.board.set_health(self.instance_id, new, reason, cause)
         load = self.ctx.board.load(self.instance_id)
         emit(

@@ -6,10 +6,12 @@ client (a fresh connection each time) and a timeout:
 - ``load``: ``/slots`` and ``/metrics`` every ``load_interval_ms``; the figures go to
   the status board, and every slot busy with requests deferred makes the instance
   ``degraded`` with the cause ``saturated`` (CONTRACT §10);
-- ``inference``: real work every ``inference_probe_interval_ms`` (off by default). It
-  is not sent while every slot is busy with callers' work, where it would only queue:
-  the slot reading stands in for it then (``/slots`` is answered by the same loop that
-  decodes, so a stuck decode loop does not answer it either).
+- ``inference``: real work every ``inference_probe_interval_ms`` (off by default). The
+  slot reading comes first: ``/slots`` is answered by the loop that decodes, so a
+  server that does not answer it within the probe's timeout has a stuck decode loop
+  (a failure). While every slot is busy with callers' work the probe is not sent (it
+  would only queue), and a probe that timed out while they all became busy is not
+  judged: either leaves the health as it was, and saturation shows instead.
 
 A :class:`HealthTracker` turns what they see into one state, and the poller tells its
 BackendActor when that changes, once per change. The BackendActor owns the published
@@ -111,18 +113,20 @@ class HealthPoller(RuntimeActor):
                 slow_s=self.policy.slow_probe_s,
             )
             self.last_latency_s = obs.latency_s
-            emit(probe_completed, self.instance_id, latency_s=obs.latency_s, verdict=obs.verdict)
+            self._completed(obs)
             self._report(gen, self.tracker.observe(obs))
             delay = self.spec.health_interval_s
         elif kind == "load":
             self._read_load(gen, self.policy.probe_timeout_s)
             delay = self.policy.load_interval_s
         else:
-            obs = self._probe_inference(gen)
-            self._report(gen, self.tracker.observe(obs))
+            judged = self._probe_inference(gen)
             delay = self.policy.inference_probe_interval_s
-            if delay is not None and obs.verdict == "failure":
-                delay = min(delay, self.spec.health_interval_s)  # confirm it soon
+            if judged is not None:
+                self._completed(judged)
+                self._report(gen, self.tracker.observe(judged))
+                if delay is not None and judged.verdict == "failure":
+                    delay = min(delay, self.spec.health_interval_s)  # confirm it soon
         if delay is not None:
             elapsed = self.ctx.timers.now() - started
             self._schedule(kind, max(0.0, delay - elapsed))
@@ -141,27 +145,44 @@ class HealthPoller(RuntimeActor):
             self._report(gen, self.tracker.observe_load(why))
         return load
 
-    def _probe_inference(self, gen: int) -> Observation:
+    def _probe_inference(self, gen: int) -> Observation | None:
+        """One inference probe, judged against the slots: None when it cannot be
+        judged (every slot is busy with callers' work, so a probe would only measure
+        the queue in front of it)."""
         timeout = self.policy.inference_probe_timeout_s
-        if self.reader is not None and self.reader.slots_offered:
-            load = self._read_load(gen, timeout)
-            if self.reader is not None and self.reader.timed_out:
-                return Observation(
-                    "failure",
-                    f"inference probe: the decode loop did not answer ({load and load.error})",
-                    timeout,
-                    kind="inference",
-                )
-            if load is not None and load.error is None and load.all_slots_busy:
-                return Observation(
-                    "healthy",
-                    f"inference probe not sent: all {load.slots_total} slots are busy with "
-                    "callers' work, and the loop that runs them answered /slots",
-                    kind="inference",
-                )
-        return self.backend.probe_inference(
-            self.ctx.client, self.spec, self.port, timeout_s=timeout
-        )
+        stuck = self._slots_busy_or_stuck(gen, timeout)
+        if stuck is not None:
+            return stuck if stuck.verdict == "failure" else None
+        client, spec, port = self.ctx.client, self.spec, self.port
+        obs = self.backend.probe_inference(client, spec, port, timeout_s=timeout)
+        if obs.verdict == "failure" and obs.latency_s >= timeout:
+            # Timed out: behind callers' work that filled every slot meanwhile (not
+            # judged), or in a server that takes no work at all (a failure).
+            after = self._slots_busy_or_stuck(gen, self.policy.probe_timeout_s)
+            if after is not None and after.verdict != "failure":
+                log.debug("instance %s: inference probe queued behind callers", self.instance_id)
+                return None
+        return obs
+
+    def _slots_busy_or_stuck(self, gen: int, timeout_s: float) -> Observation | None:
+        """Read ``/slots``: a failure when the loop that serves it does not answer (the
+        decode loop is stuck), a pass when every slot is busy, None otherwise (or when
+        the server has no ``/slots``)."""
+        if self.reader is None or not self.reader.slots_offered:
+            return None
+        load = self._read_load(gen, timeout_s)
+        if self.reader is not None and self.reader.timed_out:
+            error = load.error if load is not None else "no answer"
+            reason = f"inference probe: the decode loop did not answer ({error})"
+            return Observation("failure", reason, timeout_s, kind="inference")
+        if load is not None and load.error is None and load.all_slots_busy:
+            reason = f"all {load.slots_total} slots are busy with callers' work"
+            return Observation("healthy", reason, kind="inference")
+        return None
+
+    def _completed(self, obs: Observation) -> None:
+        payload = {"latency_s": obs.latency_s, "verdict": obs.verdict, "kind": obs.kind}
+        emit(probe_completed, self.instance_id, **payload)
 
     def _report(self, gen: int, change: Transition | None) -> None:
         if change is not None:

@@ -13,7 +13,10 @@ signal               extra keywords
 instance_starting    ``attempt`` (0 for the first spawn), ``pid``
 instance_ready       ``endpoint`` (published descriptor), ``pid``, ``port``,
                      ``elapsed_s`` (spawn to ready)
-health_changed       ``old``, ``new``, ``reason``
+health_changed       ``old``, ``new``, ``reason``, ``cause`` (``ready``, ``probe``,
+                     ``inference``, ``saturated``, ``callers``, ``exited``,
+                     ``stopped``, ``failed``: saturation is not sickness),
+                     ``load`` (the last :class:`ServerLoad` reading, or None)
 instance_restarting  ``attempt``, ``delay_s``, ``reason``
 instance_draining    ``lease_refs``, ``reason`` (sent only when leases are held)
 instance_failed      ``reason``, ``exit`` (ProcessExit or None)
@@ -29,8 +32,9 @@ Each send is also one line on the ``llama_actors.transitions`` logger, with the
 instance id and the reason: INFO for the ordinary path, WARNING for restarts and
 health loss, ERROR when supervision gives up.
 
-``probe_completed`` is not a transition: it is sent after every health probe (with
-``latency_s`` and ``verdict``) for metrics, is not logged and is not in
+``probe_completed`` is not a transition: it is sent after every health probe and
+every inference probe (with ``latency_s``, ``verdict`` and ``kind``: ``health`` or
+``inference``) for metrics, is not logged and is not in
 :data:`ALL_SIGNALS`.
 """
 
@@ -82,7 +86,7 @@ lease_released = signals.signal("lease-released", doc="a lease ended before its 
 lease_expired = signals.signal("lease-expired", doc="a lease's TTL ran out")
 
 probe_completed = signals.signal(
-    "probe-completed", doc="a health probe finished (latency_s, verdict); for metrics"
+    "probe-completed", doc="a probe finished (latency_s, verdict, kind); for metrics"
 )
 
 #: Every signal, by name.

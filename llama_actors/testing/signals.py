@@ -19,7 +19,10 @@ from typing import Any
 
 import msgspec
 
-from llama_actors._runtime.signals import ALL_SIGNALS
+from llama_actors._runtime.signals import ALL_SIGNALS, probe_completed
+
+#: What a recorder can listen to: every transition, and ``probe_completed``.
+_KNOWN = {**ALL_SIGNALS, "probe_completed": probe_completed}
 
 __all__ = ["Record", "SignalRecorder"]
 
@@ -38,13 +41,14 @@ class Record(msgspec.Struct, frozen=True):
 
 
 class SignalRecorder:
-    """Connects to every llama_actors signal (or those named) while in its ``with``."""
+    """Connects to every llama_actors signal (or those named) while in its ``with``:
+    the transitions and ``probe_completed`` (one per probe)."""
 
     def __init__(self, *names: str) -> None:
-        unknown = [n for n in names if n not in ALL_SIGNALS]
+        unknown = [n for n in names if n not in _KNOWN]
         if unknown:
-            raise ValueError(f"unknown signals {unknown}; known: {sorted(ALL_SIGNALS)}")
-        self._names = names or tuple(ALL_SIGNALS)
+            raise ValueError(f"unknown signals {unknown}; known: {sorted(_KNOWN)}")
+        self._names = names or tuple(_KNOWN)
         self._cond = threading.Condition()
         self.records: list[Record] = []
         self._receivers: list[tuple[Any, Any]] = []
@@ -58,8 +62,8 @@ class SignalRecorder:
                     self.records.append(Record(_name, sender, payload))
                     self._cond.notify_all()
 
-            ALL_SIGNALS[name].connect(receive, weak=False)
-            self._receivers.append((ALL_SIGNALS[name], receive))
+            _KNOWN[name].connect(receive, weak=False)
+            self._receivers.append((_KNOWN[name], receive))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
