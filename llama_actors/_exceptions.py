@@ -28,6 +28,7 @@ wrong, with which value (secrets masked), and what to do about it::
     ├── RuntimeClosedError       the runtime was closed
     ├── SignalOverflowError      a signal stream's consumer fell too far behind
     ├── MetricsUnavailableError  prometheus-client is missing (also an ``ImportError``)
+    ├── OpenAIUnavailableError   openai is missing (also an ``ImportError``)
     ├── UsageError               a call got a value it cannot use (also a ``ValueError``)
     └── WaitTimeoutError         a wait ran out of time (also a ``TimeoutError``)
 """
@@ -58,6 +59,7 @@ __all__ = [
     "MetricsUnavailableError",
     "ModelFileError",
     "NotReadyError",
+    "OpenAIUnavailableError",
     "PortInUseError",
     "PortNotBoundError",
     "ReadinessTimeoutError",
@@ -270,6 +272,11 @@ class SignalOverflowError(LlamaActorsError):
 
 class MetricsUnavailableError(LlamaActorsError, ImportError):
     """``prometheus-client`` is not installed, so :mod:`llama_actors.metrics` cannot work."""
+
+
+class OpenAIUnavailableError(LlamaActorsError, ImportError):
+    """The ``openai`` package is not installed, so :func:`llama_actors.clients.openai_client`
+    (and its async twin) cannot build a client; ``pip install openai``."""
 
 
 class UsageError(LlamaActorsError, ValueError):

@@ -13,6 +13,7 @@ from types import ModuleType
 import pytest
 
 import llama_actors
+import llama_actors.clients
 import llama_actors.lowlevel
 import llama_actors.testing.contract
 from llama_actors import _exceptions
@@ -57,7 +58,7 @@ def test_lowlevel_lists_exactly_the_plumbing() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    [llama_actors, llama_actors.lowlevel, llama_actors.testing.contract],
+    [llama_actors, llama_actors.lowlevel, llama_actors.clients, llama_actors.testing.contract],
     ids=lambda m: m.__name__,
 )
 def test_every_exported_name_exists_and_has_a_docstring_of_its_own(module: ModuleType) -> None:
@@ -157,7 +158,7 @@ def _all_modules() -> list[ModuleType]:
 #: Each private layer's rank: a module may import its own layer and the ones below.
 LAYERS = {"_exceptions": 0, "_base": 0, "_process": 1, "_kernel": 2, "_llama": 3, "_backends": 4}
 LAYERS |= {"_runtime": 5, "_cli": 6}
-PUBLIC_RANK = 7  # llama_actors, lowlevel, signals, metrics, testing
+PUBLIC_RANK = 7  # llama_actors, lowlevel, signals, metrics, clients, testing
 
 
 def rank(module: str) -> int:
