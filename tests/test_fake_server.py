@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,77 @@ UNAUTHORIZED = {
     "error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}
 }
 LOADING = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
+NO_METRICS = {
+    "error": {
+        "code": 501,
+        "message": "This server does not support metrics endpoint. Start it with `--metrics`",
+        "type": "not_supported_error",
+    }
+}
+NO_SLOTS = {
+    "error": {
+        "code": 501,
+        "message": "This server does not support slots endpoint. Start it with `--slots`",
+        "type": "not_supported_error",
+    }
+}
+NO_SLOT_AVAILABLE = {
+    "error": {"code": 503, "message": "no slot available", "type": "unavailable_error"}
+}
+COMPUTE_ERROR = {"error": {"code": 500, "message": "Compute error.", "type": "server_error"}}
+DEFERRED = r"^fake: no slot is available, defer task, id_task = (\d+)$"
+STALLED = httpx.Timeout(WAIT, read=0.3)  # long enough to show a request gets no answer
+# GET /metrics of the real llama-server (build 0.6.0-dev) right after it started.
+REAL_IDLE_METRICS = """\
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed, excluding cached tokens
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 0
+# HELP llamacpp:prompt_tokens_cached_total Number of prompt tokens reused from the cache
+# TYPE llamacpp:prompt_tokens_cached_total counter
+llamacpp:prompt_tokens_cached_total 0
+# HELP llamacpp:prompt_seconds_total Total time spent processing prompts
+# TYPE llamacpp:prompt_seconds_total counter
+llamacpp:prompt_seconds_total 0
+# HELP llamacpp:tokens_predicted_total Number of generation tokens processed
+# TYPE llamacpp:tokens_predicted_total counter
+llamacpp:tokens_predicted_total 0
+# HELP llamacpp:tokens_predicted_seconds_total Total time spent generating tokens
+# TYPE llamacpp:tokens_predicted_seconds_total counter
+llamacpp:tokens_predicted_seconds_total 0
+# HELP llamacpp:n_decode_total Total number of llama_decode() calls, excluding speculative \
+decoding and multimodal decoding
+# TYPE llamacpp:n_decode_total counter
+llamacpp:n_decode_total 0
+# HELP llamacpp:n_tokens_max Largest observed sequence length (prompt + generation)
+# TYPE llamacpp:n_tokens_max counter
+llamacpp:n_tokens_max 0
+# HELP llamacpp:spec_decode_num_draft_tokens_total Speculative: Total draft tokens generated
+# TYPE llamacpp:spec_decode_num_draft_tokens_total counter
+llamacpp:spec_decode_num_draft_tokens_total 0
+# HELP llamacpp:spec_decode_num_accepted_tokens_total Speculative: Total draft tokens accepted \
+by the target model
+# TYPE llamacpp:spec_decode_num_accepted_tokens_total counter
+llamacpp:spec_decode_num_accepted_tokens_total 0
+# HELP llamacpp:spec_decode_num_drafts_total Speculative: Total speculative decoding \
+verification steps
+# TYPE llamacpp:spec_decode_num_drafts_total counter
+llamacpp:spec_decode_num_drafts_total 0
+# HELP llamacpp:prompt_tokens_seconds Average prompt throughput in tokens/s
+# TYPE llamacpp:prompt_tokens_seconds gauge
+llamacpp:prompt_tokens_seconds 0
+# HELP llamacpp:predicted_tokens_seconds Average generation throughput in tokens/s
+# TYPE llamacpp:predicted_tokens_seconds gauge
+llamacpp:predicted_tokens_seconds 0
+# HELP llamacpp:requests_processing Number of requests processing
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 0
+# HELP llamacpp:requests_deferred Number of requests deferred
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 0
+# HELP llamacpp:n_busy_slots_per_decode Average number of busy slots per llama_decode() call
+# TYPE llamacpp:n_busy_slots_per_decode gauge
+llamacpp:n_busy_slots_per_decode 0
+"""
 
 
 class Fake:
@@ -159,6 +231,33 @@ def get(port: int, path: str, **kwargs: Any) -> httpx.Response:
 def chat(port: int, text: str, prefix: str = "", **body: Any) -> httpx.Response:
     payload = {"messages": [{"role": "user", "content": text}], **body}
     return httpx.post(url(port, f"{prefix}/v1/chat/completions"), json=payload, timeout=WAIT)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Each family's value (which must read as a float) by its name without the
+    ``llamacpp:`` prefix."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.split(" ")
+            values[name.removeprefix("llamacpp:")] = float(value)
+    return values
+
+
+def metrics(port: int, **kwargs: Any) -> dict[str, float]:
+    """GET /metrics, parsed."""
+    answer = get(port, "/metrics", **kwargs)
+    assert answer.status_code == 200, answer.text
+    return parse_metrics(answer.text)
+
+
+def stalls(port: int, method: str, path: str, **kwargs: Any) -> bool:
+    """True when the request gets no answer within :data:`STALLED`'s read timeout."""
+    try:
+        httpx.request(method, url(port, path), timeout=STALLED, **kwargs)
+    except httpx.ReadTimeout:
+        return True
+    return False
 
 
 # -- the command line ---------------------------------------------------------------
@@ -301,6 +400,8 @@ def test_an_unknown_flag_or_bad_value_is_rejected_as_the_real_binary_does(
         ["--seed", "x"],
         ["--api-key-file", "/nonexistent/keys"],
         ["--api_key", "k", "--threads-http"],
+        ["--metrics", "--no-slots", "--slots", "--bogus"],
+        ["--metrics", "1"],
     ],
 )
 def test_argument_errors_are_byte_for_byte_those_of_the_real_binary(
@@ -706,3 +807,327 @@ def test_write_control_merges_removes_and_replaces_the_file_atomically(tmp_path:
     assert json.loads(control.read_text()) == {"health": "degraded", "crash_after": 3}
     assert control.stat().st_ino != inode
     assert [p.name for p in tmp_path.iterdir()] == ["control.json"]
+
+
+# -- /slots and /metrics ------------------------------------------------------------
+
+
+def test_metrics_is_the_real_servers_prometheus_page_and_counts_what_was_answered(
+    start: StartFake,
+) -> None:
+    port = start("--metrics", "--embedding").listening()
+    idle = get(port, "/metrics")
+    assert idle.status_code == 200
+    assert idle.headers["content-type"] == "text/plain; version=0.0.4"
+    assert idle.text == REAL_IDLE_METRICS
+    answer = chat(port, "one two three").json()["usage"]
+    assert (answer["prompt_tokens"], answer["completion_tokens"]) == (3, 5)
+    assert httpx.post(url(port, "/v1/embeddings"), json={"input": ["a b", "c"]}).is_success
+    page = get(port, "/metrics").text
+    lines = page.splitlines()
+    names = [line.split(" ")[0] for line in REAL_IDLE_METRICS.splitlines()]
+    assert [line.split(" ")[0] for line in lines] == names  # every family, HELP and TYPE
+    assert [line.split(" ")[:3] for line in lines if line.startswith("#")] == [
+        line.split(" ")[:3] for line in REAL_IDLE_METRICS.splitlines() if line.startswith("#")
+    ]
+    after = parse_metrics(page)
+    assert after["prompt_tokens_total"] == 3 + 3  # the chat's prompt, the two inputs'
+    assert after["tokens_predicted_total"] == 5
+    assert after["prompt_seconds_total"] > 0
+    assert after["tokens_predicted_seconds_total"] > 0
+    assert after["n_decode_total"] >= 5
+    assert after["n_tokens_max"] == 3 + 5 - 1  # the context's tokens: the last is not in it
+    assert after["n_busy_slots_per_decode"] == 1
+    assert after["requests_processing"] == after["requests_deferred"] == 0
+
+
+def test_the_throughput_gauges_are_tokens_per_second_since_the_previous_scrape(
+    start: StartFake,
+) -> None:
+    # Each generated token takes token_seconds, and /metrics counts that time.
+    port = start("--metrics", env={"FAKE_LLAMA_TOKEN_SECONDS": "0.01"}).listening()
+    metrics(port)
+    assert chat(port, "one two three four five six seven eight").status_code == 200
+    first = metrics(port)
+    assert first["tokens_predicted_total"] == 10
+    assert first["tokens_predicted_seconds_total"] == pytest.approx(10 * 0.01)
+    assert first["predicted_tokens_seconds"] == pytest.approx(100, rel=1e-5)
+    assert first["prompt_tokens_seconds"] == pytest.approx(
+        first["prompt_tokens_total"] / first["prompt_seconds_total"], rel=1e-5
+    )
+    second = metrics(port)
+    assert second["predicted_tokens_seconds"] == second["prompt_tokens_seconds"] == 0
+    assert second["tokens_predicted_total"] == 10  # the counters stay
+
+
+def test_metrics_answers_501_without_the_metrics_flag_and_slots_501_with_no_slots(
+    start: StartFake,
+) -> None:
+    port = start("--no-slots").listening()
+    for path, body in (("/metrics", NO_METRICS), ("/slots", NO_SLOTS)):
+        refused = get(port, path)
+        assert (refused.status_code, refused.json()) == (501, body)
+    assert chat(port, "still answers").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("args", "n_slots", "n_ctx", "unified"),
+    [
+        ([], 4, 4096, "true"),
+        (["-c", "2048"], 4, 2048, "true"),
+        (["-c", "1000"], 4, 1024, "true"),
+        (["-np", "3", "-c", "2048"], 3, 768, "false"),
+        (["-np", "2", "-c", "1000"], 2, 512, "false"),
+        (["--parallel", "1", "-c", "2048"], 1, 2048, "false"),
+    ],
+)
+def test_idle_slots_show_the_context_each_one_gets_as_in_the_real_server(
+    start: StartFake, args: list[str], n_slots: int, n_ctx: int, unified: str
+) -> None:
+    fake = start(*args)
+    port = fake.listening()
+    line = f"initializing, n_slots = {n_slots}, n_ctx_slot = {n_ctx}, kv_unified = '{unified}'"
+    assert line in fake.text
+    assert get(port, "/slots").json() == [
+        {"id": slot, "n_ctx": n_ctx, "speculative": False, "is_processing": False}
+        for slot in range(n_slots)
+    ]
+
+
+def test_slots_and_metrics_need_the_key_and_live_under_the_prefix(start: StartFake) -> None:
+    port = start("--api-key", "sk-k", "--api-prefix", "/llm", "--metrics").listening()
+    key = {"Authorization": "Bearer sk-k"}
+    for path in ("/llm/slots", "/llm/metrics"):
+        refused = get(port, path)
+        assert (refused.status_code, refused.json()) == (401, UNAUTHORIZED)
+        assert get(port, path, headers=key).status_code == 200
+    assert get(port, "/slots", headers=key).status_code == 404
+    assert get(port, "/metrics", headers=key).status_code == 404
+
+
+def test_with_one_slot_a_long_generation_holds_it_and_the_next_request_waits_deferred(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    fake = start(
+        "--parallel",
+        "1",
+        "--metrics",
+        env={"FAKE_LLAMA_TOKEN_SECONDS": "0.05", "FAKE_LLAMA_CONTROL": str(control)},
+    )
+    port = fake.listening()
+    with ThreadPoolExecutor(2) as pool:
+        # 200 tokens at 0.05 s: ten seconds of generation unless token_seconds drops.
+        story = {"max_tokens": 200, "ignore_eos": True, "temperature": 0.5}
+        long = pool.submit(chat, port, "tell me a long story", **story)
+        task = int(fake.wait_for(r"slot launch_slot_: id  0 \| task (\d+) \|").group(1))
+        (busy,) = get(port, "/slots").json()
+        assert (busy["id"], busy["is_processing"], busy["id_task"]) == (0, True, task)
+        (progress,) = busy["next_token"]
+        assert progress["has_next_token"] is True
+        assert progress["n_remain"] == 200 - progress["n_decoded"]
+        assert busy["n_prompt_tokens_processed"] == 5
+        assert busy["n_prompt_tokens"] == 5 + progress["n_decoded"]
+        assert busy["params"]["max_tokens"] == busy["params"]["n_predict"] == 200
+        assert busy["params"]["temperature"] == pytest.approx(0.5)
+        assert busy["params"]["stream"] is False
+        short = pool.submit(chat, port, "and then?")
+        deferred = int(fake.wait_for(DEFERRED).group(1))
+        during = metrics(port)
+        assert (during["requests_processing"], during["requests_deferred"]) == (1, 1)
+        refused = get(port, "/slots?fail_on_no_slot=1")
+        assert (refused.status_code, refused.json()) == (503, NO_SLOT_AVAILABLE)
+        assert get(port, "/health").json() == {"status": "ok"}
+        assert not short.done()
+        write_control(control, token_seconds=0)  # let the story end now
+        assert long.result(WAIT).json()["usage"]["completion_tokens"] == 200
+        assert short.result(WAIT).json()["choices"][0]["message"]["content"] == (
+            "You said: and then?"
+        )
+    released = fake.text.index(f"release: id  0 | task {task} |")
+    assert fake.text.index(f"launch_slot_: id  0 | task {deferred} |") > released
+    after = metrics(port)
+    assert (after["requests_processing"], after["requests_deferred"]) == (0, 0)
+    assert after["tokens_predicted_total"] == 200 + 4
+    assert get(port, "/slots").json()[0]["is_processing"] is False
+
+
+def test_token_seconds_paces_a_streamed_answer_chunk_by_chunk(start: StartFake) -> None:
+    port = start(env={"FAKE_LLAMA_TOKEN_SECONDS": "0.05"}).listening()
+    payload = {"messages": [{"role": "user", "content": "a b c d e f g h"}], "stream": True}
+    arrivals: list[float] = []
+    with httpx.stream(
+        "POST", url(port, "/v1/chat/completions"), json=payload, timeout=WAIT
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line:
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 10
+    # Ten tokens, 0.05 s each: the last comes well after the first (0.45 s by the fake's
+    # clock, a little less if the first was late to arrive).
+    assert arrivals[-1] - arrivals[0] >= 0.3
+
+
+def test_a_busy_slot_is_freed_when_its_streaming_client_goes_away(start: StartFake) -> None:
+    fake = start("--parallel", "1", env={"FAKE_LLAMA_TOKEN_SECONDS": "0.02"})
+    port = fake.listening()
+    payload = {
+        "messages": [{"role": "user", "content": "go on"}],
+        "stream": True,
+        "max_tokens": 10_000,
+        "ignore_eos": True,
+    }
+    with httpx.stream("POST", url(port, "/v1/chat/completions"), json=payload, timeout=WAIT) as r:
+        next(r.iter_lines())
+    fake.wait_for(r"slot      release: id  0 \| task \d+ \| stop processing")
+    assert chat(port, "next please").status_code == 200
+
+
+# -- failure shapes -----------------------------------------------------------------
+
+
+def test_completions_can_hang_or_fail_with_500_while_health_stays_ok(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    fake = start(
+        "--embedding",
+        env={"FAKE_LLAMA_COMPLETIONS": "hang", "FAKE_LLAMA_CONTROL": str(control)},
+    )
+    port = fake.listening()
+    routes = ("/v1/chat/completions", "/completion", "/v1/embeddings")
+    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi"}
+    assert get(port, "/health").json() == {"status": "ok"}
+    for route in routes:
+        assert stalls(port, "POST", route, json=body), route
+    assert get(port, "/v1/models").status_code == 200
+    write_control(control, completions="error500")
+    for route in routes:
+        failed = httpx.post(url(port, route), json=body, timeout=WAIT)
+        assert (failed.status_code, failed.json()) == (500, COMPUTE_ERROR), route
+    assert get(port, "/health").json() == {"status": "ok"}
+    fake.wait_for(r"E srv    send_error: task id = \d+, error: Compute error\.$")
+    write_control(control, completions="ok")
+    for route in routes:
+        assert httpx.post(url(port, route), json=body, timeout=WAIT).status_code == 200
+
+
+def test_a_stuck_decode_loop_leaves_health_and_models_answering_but_nothing_else(
+    tmp_path: Path, start: StartFake
+) -> None:
+    # What a real llama-server whose decode loop is stopped answers (see the docstring).
+    control = tmp_path / "control.json"
+    fake = start(
+        "--metrics", env={"FAKE_LLAMA_DECODE_STUCK": "1", "FAKE_LLAMA_CONTROL": str(control)}
+    )
+    port = fake.listening()
+    assert get(port, "/health", timeout=STALLED).json() == {"status": "ok"}
+    assert get(port, "/v1/models", timeout=STALLED).status_code == 200
+    refused = httpx.post(url(port, "/v1/embeddings"), json={"input": "x"}, timeout=STALLED)
+    assert refused.status_code == 501  # answered before any task reaches the loop
+    assert stalls(port, "POST", "/v1/chat/completions", json={"messages": [], "max_tokens": 1})
+    assert stalls(port, "GET", "/slots")
+    assert stalls(port, "GET", "/metrics")
+    write_control(control, decode_stuck=False)
+    assert chat(port, "unstuck").status_code == 200
+    assert get(port, "/slots").status_code == 200
+    assert metrics(port)["requests_deferred"] == 0
+    write_control(control, decode_stuck=True)
+    assert stalls(port, "GET", "/slots")
+    assert get(port, "/health", timeout=STALLED).status_code == 200
+
+
+def test_a_saturated_server_shows_every_slot_busy_and_defers_requests_until_released(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    fake = start("--parallel", "2", "--metrics", env={"FAKE_LLAMA_CONTROL": str(control)})
+    port = fake.listening()
+    write_control(control, saturated=3)
+    assert get(port, "/health").json() == {"status": "ok"}
+    slots = get(port, "/slots").json()
+    assert [(s["id"], s["is_processing"]) for s in slots] == [(0, True), (1, True)]
+    for slot in slots:
+        (progress,) = slot["next_token"]
+        assert progress["n_remain"] + progress["n_decoded"] == slot["params"]["n_predict"]
+        assert slot["n_prompt_tokens"] > slot["n_prompt_tokens_processed"] > 0
+    assert get(port, "/slots?fail_on_no_slot=1").status_code == 503
+    saturated = metrics(port)
+    assert (saturated["requests_processing"], saturated["requests_deferred"]) == (2, 3)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(chat, port, "anyone there?")
+        fake.wait_for(DEFERRED)
+        assert metrics(port)["requests_deferred"] == 4
+        assert not waiting.done()
+        write_control(control, saturated=0)
+        assert waiting.result(WAIT).status_code == 200
+    released = metrics(port)
+    assert (released["requests_processing"], released["requests_deferred"]) == (0, 0)
+    assert not any(s["is_processing"] for s in get(port, "/slots").json())
+
+
+def test_saturation_from_the_environment_shows_from_the_start(start: StartFake) -> None:
+    port = start("--metrics", env={"FAKE_LLAMA_SATURATED": "2"}).listening()
+    assert all(s["is_processing"] for s in get(port, "/slots").json())
+    assert metrics(port)["requests_deferred"] == 2
+
+
+def test_a_bad_control_value_is_reported_once_and_the_environments_value_is_used(
+    tmp_path: Path, start: StartFake
+) -> None:
+    control = tmp_path / "control.json"
+    fake = start(env={"FAKE_LLAMA_CONTROL": str(control)})
+    port = fake.listening()
+    write_control(control, saturated=-1, completions="sometimes")
+    assert not any(s["is_processing"] for s in get(port, "/slots").json())
+    assert chat(port, "fine").status_code == 200
+    assert chat(port, "still fine").status_code == 200
+    fake.wait_for(r"^fake: ignoring control value saturated=-1: expected a whole number >= 0")
+    complaint = "fake: ignoring control value completions='sometimes': expected one of"
+    fake.wait_for("^" + re.escape(complaint))
+    assert sum(line.startswith(complaint) for line in fake.lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("FAKE_LLAMA_TOKEN_SECONDS", "-1", "expected a number of seconds >= 0"),
+        ("FAKE_LLAMA_TOKEN_SECONDS", "fast", "expected a number of seconds >= 0"),
+        ("FAKE_LLAMA_COMPLETIONS", "flaky", "expected one of ('ok', 'hang', 'error500')"),
+        ("FAKE_LLAMA_SATURATED", "2.5", "expected a whole number >= 0"),
+    ],
+)
+def test_a_bad_environment_value_stops_the_fake_with_a_clear_message(
+    start: StartFake, name: str, value: str, problem: str
+) -> None:
+    fake = start(env={name: value})
+    assert fake.exit_code() == 2
+    assert fake.lines[-1].startswith(f"fake: bad environment: {name}={value!r}: {problem}")
+
+
+@pytest.mark.real_server
+def test_slots_and_metrics_answer_as_the_real_server_does(
+    real_binary: str, gemma_model: str, start: StartFake
+) -> None:
+    keyed = ["-np", "3", "-c", "2048", "--metrics", "--api-key", "sk-k", "--api-prefix", "/llm"]
+    key = {"Authorization": "Bearer sk-k"}
+    where = ["--host", "127.0.0.1", "--port", "0"]
+    for args, checks in (
+        (keyed, [("/llm/slots", {}), ("/llm/metrics", {}), ("/llm/slots", key)]),
+        (["--no-slots"], [("/slots", {}), ("/metrics", {})]),
+    ):
+        real = Fake([real_binary, "--model", gemma_model, *where, *args], os.environ)
+        try:
+            real_port = int(real.wait_for(LISTENING.pattern, timeout=120).group(2))
+            fake_port = start(*args).listening()
+            for path, headers in checks:
+                want = get(real_port, path, headers=headers)
+                got = get(fake_port, path, headers=headers)
+                assert (got.status_code, got.json()) == (want.status_code, want.json()), path
+            if "--metrics" in args:
+                want = get(real_port, "/llm/metrics", headers=key)
+                got = get(fake_port, "/llm/metrics", headers=key)
+                assert got.headers["content-type"] == want.headers["content-type"]
+                assert got.text == want.text
+        finally:
+            real.stop()

@@ -23,6 +23,41 @@ the key too; a key is taken from ``Authorization: Bearer KEY`` or ``X-Api-Key``;
 without ``--alias`` responses name the model by its ``--model`` path. One flag is
 the fake's own: ``--no-flash-attn``, which llama_actors reserves as an alias.
 
+Slots, as in the real server: ``--parallel N`` slots (4 for -1, auto), each of
+``n_ctx`` tokens: the model's context (the fake's is 4096) without ``-c``; with
+``--parallel`` auto one unified KV cache of ``-c`` (padded to a multiple of 256) that
+any slot may fill; with an explicit ``--parallel N`` ``-c`` padded to a multiple of
+256 * N, divided by N. A completion, chat or embedding request holds a slot while it is
+answered; when none is free it waits, first come first served (deferred), and the fake
+prints ``fake: no slot is available, defer task, id_task = N``: a line of its own, with
+the text the real server logs only at debug verbosity, so a test can wait for it. The
+answer is ``You said:`` and the prompt's first eight words, one token each, cut to
+``n_predict`` (or ``max_tokens``, ``max_completion_tokens``); with ``"ignore_eos":
+true`` it repeats itself until ``n_predict`` tokens (or the slot's context) are
+generated, the way to hold a slot busy for a long generation.
+
+``GET /slots`` (unless ``--no-slots``) lists the slots: an idle one as
+``{"id":0,"n_ctx":4096,"speculative":false,"is_processing":false}``, a busy one with
+``id_task``, ``n_prompt_tokens`` (the tokens in its context: prompt plus those
+generated so far), ``n_prompt_tokens_processed``, ``n_prompt_tokens_cache`` (0),
+``params`` (the real keys ``seed``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+``max_tokens``, ``n_predict``, ``n_keep``, ``ignore_eos``, ``stream``, ``n_probs``,
+``samplers``, ``lora``; the real one has more) and ``next_token``
+(``has_next_token``, ``has_new_line``, ``n_remain``, ``n_decoded``). With
+``?fail_on_no_slot=1`` and no idle slot it answers 503 "no slot available".
+``GET /metrics`` (only with ``--metrics``) answers the real Prometheus text, type
+``text/plain; version=0.0.4``, its fifteen ``llamacpp:`` families in the real order,
+values printed as C++ prints a double (``0.072508``, ``124.124``). The counters count
+what the fake answered: prompt tokens when a slot starts a task, generated tokens when
+it finishes one, and seconds as if a prompt token took 2 ms and a generated token
+``token_seconds`` (20 ms while that is 0); ``n_decode_total`` counts one decode per
+prompt and per token. As in the real server, the throughput gauges
+``prompt_tokens_seconds`` and ``predicted_tokens_seconds`` are tokens per second since
+the previous ``/metrics`` answer (each scrape starts a new bucket), so a second scrape
+with nothing in between shows 0. Both routes live under ``--api-prefix`` and need the
+API key like every route but ``/health``; every request to them, like each completion,
+takes a task id (``id_task`` counts them).
+
 Misbehaviour, chosen by environment variables read at start:
 
 ``FAKE_LLAMA_EXIT_BEFORE_READY=CODE``
@@ -57,13 +92,42 @@ Misbehaviour, chosen by environment variables read at start:
     the build number ``--version`` reports (default 7310). Below 4240, the build that
     started logging the port bound for ``--port 0``, the listening line shows the port
     as given (0), as those builds did.
+``FAKE_LLAMA_TOKEN_SECONDS=X``
+    each generated token takes X seconds (float >= 0, default 0: no wait at all), and
+    streamed chunks come at that pace; with ``--parallel 1``, ``max_tokens`` 200,
+    ``ignore_eos`` and 0.02 a request holds the slot for 4 s and the next is deferred.
+``FAKE_LLAMA_COMPLETIONS=ok|hang|error500``
+    what the completion, chat and embedding routes do once a request is valid:
+    answer (``ok``), never answer (``hang``: no slot taken, nothing logged), or answer
+    500 ``{"error":{"code":500,"message":"Compute error.","type":"server_error"}}``
+    (llama-server's text when ``llama_decode()`` fails), logging ``E srv
+    send_error: task id = N, error: Compute error.``. ``/health`` stays 200 meanwhile.
+``FAKE_LLAMA_DECODE_STUCK=1``
+    the decode loop is stuck, as measured on the real server (below): completions,
+    chats, embeddings (new or deferred ones, and the tokens of those being generated,
+    so a stream stops mid-way), ``/slots`` and ``/metrics`` never answer, while
+    ``/health``, ``/v1/models`` and the 401/404/501 answers that need no decode loop
+    come at once. Everything resumes when it is turned off.
+``FAKE_LLAMA_SATURATED=N``
+    the server is saturated (N >= 1; 0 is off): ``/slots`` shows every slot busy
+    (slots without a real task show a phantom one: 48 prompt tokens, 64 of 512
+    generated), ``/metrics`` shows ``requests_processing`` = the number of slots and
+    ``requests_deferred`` = N plus the requests really waiting, and ``/health`` stays
+    200 ``{"status":"ok"}`` (the real one does not look at slots). A completion, chat or
+    embedding sent meanwhile waits like a real deferred request and is answered once
+    the saturation is turned off; tasks already in a slot finish normally.
 ``FAKE_LLAMA_CONTROL=PATH``
     a JSON object whose keys override the above while the server runs: ``health``,
     ``hang``, ``crash_after`` (counted from when its value changes),
     ``slow_probe_seconds``, ``never_ready`` (false lets a never-ready server finish
-    loading), ``load_seconds``, and ``exit_now`` (exit at once with that code). It is
-    re-read whenever its inode, mtime or size changes, checked on every request and
-    every 50 ms; :func:`write_control` edits it atomically.
+    loading), ``load_seconds``, ``token_seconds``, ``completions``, ``decode_stuck``,
+    ``saturated``, and ``exit_now`` (exit at once with that code). It is re-read
+    whenever its inode, mtime or size changes, checked on every request and every
+    50 ms; :func:`write_control` edits it atomically. A bad value of one of the four
+    checked keys (``token_seconds``, ``completions``, ``decode_stuck``, ``saturated``)
+    is reported once on stderr (``fake: ignoring control value ...``) and the
+    environment's value is used; a bad environment value makes the fake exit 2 with
+    ``fake: bad environment: NAME='value': ...``.
 
 What the real llama-server prints, copied from the build these tests install (log
 lines start with a timestamp such as ``0.00.004.495``, then a level letter):
@@ -88,6 +152,25 @@ lines start with a timestamp such as ``0.00.004.495``, then a level letter):
   "code":401}}`` and the log line ``W srv    operator(): unauthorized: Invalid API Key``
 - loading: 503 ``{"error":{"message":"Loading model","type":"unavailable_error",
   "code":503}}`` on every route; ready: 200 ``{"status":"ok"}``
+- ``/metrics`` without ``--metrics``: 501 ``{"error":{"code":501,"message":"This server
+  does not support metrics endpoint. Start it with `--metrics`","type":
+  "not_supported_error"}}``; ``/slots`` with ``--no-slots``: 501 ``{"error":{"code":
+  501,"message":"This server does not support slots endpoint. Start it with
+  `--slots`","type":"not_supported_error"}}``; both answer 401 without the key when
+  ``--api-key`` is set, and live under ``--api-prefix``
+- ``/metrics``: ``Content-Type: text/plain; version=0.0.4`` and a
+  ``Process-Start-Time-Unix`` header that is in fact ``ggml_time_us()`` when the
+  metrics task ran (CLOCK_MONOTONIC microseconds, not a Unix time); the fake sends the
+  same
+- a stuck decode loop (its main thread stopped with ptrace): ``/health``,
+  ``/v1/models``, ``/props`` and ``/tokenize`` still answer 200 at once; ``/slots``,
+  ``/metrics`` and completions (of 1 token, or 0) never answer, since each waits for
+  the decode loop to take its task
+- all slots busy: ``/health`` 200 ``{"status":"ok"}``; further requests wait and show
+  in ``llamacpp:requests_deferred``
+- ``load_model: initializing, n_slots = 4, n_ctx_slot = 2048, kv_unified = 'true'``
+  for ``-c 2048``; with ``-np 3 -c 2048``: ``n_slots = 3, n_ctx_slot = 768, kv_unified
+  = 'false'``
 - SIGTERM once loaded: ``I srv    operator(): operator(): cleaning up before exit...``
   and exit 0; during loading it dies of the signal (-15) and prints nothing.
 """
@@ -103,17 +186,19 @@ import re
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, NoReturn, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["CRASH_EXIT_CODE", "help_text", "main", "version_text", "write_control"]
 
@@ -126,9 +211,31 @@ USAGE_EXIT_CODE = 1
 PROGRESS_INTERVAL = 0.2
 POLL_INTERVAL = 0.05
 HEALTH_MODES = ("ok", "degraded", "no_slot", "error500", "loading")
+COMPLETION_MODES = ("ok", "hang", "error500")
 PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/"})
 EMBEDDING_SIZE = 8
+DEFAULT_SLOTS = 4  # what --parallel -1 (auto) gives
+MODEL_CTX = 4096  # the context of the fake's "model", used when -c is 0
+KV_PAD = 256  # llama.cpp pads each KV cache stream to a multiple of this
+PROMPT_TOKEN_SECONDS = 0.002  # /metrics' time for one prompt token (500 tokens/s)
+DEFAULT_TOKEN_SECONDS = 0.02  # /metrics' time for one generated token while token_seconds is 0
+SAMPLERS = (
+    "penalties",
+    "dry",
+    "top_n_sigma",
+    "top_k",
+    "typ_p",
+    "top_p",
+    "min_p",
+    "xtc",
+    "temperature",
+)
+PHANTOM_PROMPT, PHANTOM_PREDICT, PHANTOM_DECODED = 48, 512, 64  # a `saturated` slot's task
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
+FLOAT_MAX = 3.4e38  # about the largest C float: a sampling value past it is ignored
+COMPUTE_ERROR = "Compute error."  # llama-server's text when llama_decode() fails
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+SWITCH_OFF = "off"  # what a switch's apply gets for its negative form (--no-slots)
 
 _START = time.monotonic()
 _write_lock = threading.Lock()
@@ -185,6 +292,8 @@ class Config:
     pooling: str | None = None
     api_keys: list[str] = field(default_factory=list)
     api_prefix: str = ""
+    metrics: bool = False
+    slots: bool = True
     show_help: bool = False
 
 
@@ -320,6 +429,14 @@ def _embedding(config: Config, value: str) -> None:
 
 def _show_help(config: Config, value: str) -> None:
     config.show_help = True
+
+
+def _metrics(config: Config, value: str) -> None:
+    config.metrics = True
+
+
+def _slots(config: Config, value: str) -> None:
+    config.slots = value != SWITCH_OFF
 
 
 _COMMON = (
@@ -465,6 +582,24 @@ _SERVER = (
         "LLAMA_ARG_THREADS_HTTP",
         _int(),
     ),
+    _Option(
+        ("--metrics",),
+        None,
+        "enable prometheus compatible metrics endpoint (default: disabled)",
+        "LLAMA_ARG_ENDPOINT_METRICS",
+        _metrics,
+        (),
+        False,
+    ),
+    _Option(
+        ("--slots",),
+        None,
+        "expose slots monitoring endpoint (default: enabled)",
+        "LLAMA_ARG_ENDPOINT_SLOTS",
+        _slots,
+        ("--no-slots",),
+        False,
+    ),
 )
 _SECTIONS = (
     ("common params", _COMMON),
@@ -524,7 +659,7 @@ def parse_args(argv: list[str]) -> Config:
         try:
             if not option.takes_value:
                 if option.apply is not None:
-                    option.apply(config, "")
+                    option.apply(config, SWITCH_OFF if arg in option.negatives else "")
             else:
                 if index + 1 >= len(argv):
                     raise _BadValue("expected value for argument")
@@ -557,6 +692,70 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0", "false", "no")
 
 
+def _token_seconds(value: object) -> float:
+    """A ``token_seconds`` value: a finite number of seconds, 0 or more."""
+    problem = ValueError(f"expected a number of seconds >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise problem
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise problem from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise problem
+    return seconds
+
+
+def _saturated(value: object) -> int:
+    """A ``saturated`` value: how many requests to report deferred (0: off)."""
+    problem = ValueError(f"expected a whole number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise problem
+    try:
+        count = int(value)
+    except ValueError:
+        raise problem from None
+    if count < 0:
+        raise problem
+    return count
+
+
+def _completions(value: object) -> str:
+    """A ``completions`` value: one of :data:`COMPLETION_MODES`."""
+    if value not in COMPLETION_MODES:
+        raise ValueError(f"expected one of {COMPLETION_MODES}, got {value!r}")
+    return str(value)
+
+
+def _flag(value: object) -> bool:
+    """A switch's value: a JSON boolean, 0/1, or the environment's words."""
+    if isinstance(value, bool | int):
+        return bool(value)
+    if isinstance(value, str):
+        return value not in ("", "0", "false", "no")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+#: The control-file keys whose values are checked: a bad one is reported on stderr
+#: (once per value) and the environment's value is used instead.
+_CHECKED_KEYS: dict[str, Callable[[object], object]] = {
+    "token_seconds": _token_seconds,
+    "saturated": _saturated,
+    "completions": _completions,
+    "decode_stuck": _flag,
+}
+
+
+def _env_checked(name: str, key: str, default: object) -> Any:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return _CHECKED_KEYS[key](raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r}: {exc}") from None
+
+
 @dataclass
 class Behaviour:
     """The misbehaviour asked for by the environment; the control file overrides it."""
@@ -572,6 +771,10 @@ class Behaviour:
     invalid_model: bool = False
     ignore_sigterm: bool = False
     grandchild: bool = False
+    token_seconds: float = 0.0
+    completions: str = "ok"
+    decode_stuck: bool = False
+    saturated: int = 0
     control_path: str | None = None
 
     @classmethod
@@ -591,6 +794,10 @@ class Behaviour:
             invalid_model=_env_flag("FAKE_LLAMA_INVALID_MODEL"),
             ignore_sigterm=_env_flag("FAKE_LLAMA_IGNORE_SIGTERM"),
             grandchild=_env_flag("FAKE_LLAMA_GRANDCHILD"),
+            token_seconds=_env_checked("FAKE_LLAMA_TOKEN_SECONDS", "token_seconds", 0.0),
+            completions=_env_checked("FAKE_LLAMA_COMPLETIONS", "completions", "ok"),
+            decode_stuck=_env_flag("FAKE_LLAMA_DECODE_STUCK"),
+            saturated=_env_checked("FAKE_LLAMA_SATURATED", "saturated", 0),
             control_path=os.environ.get("FAKE_LLAMA_CONTROL") or None,
         )
 
@@ -655,8 +862,152 @@ def _write_atomically(path: str, text: str) -> None:
 # -- the server ---------------------------------------------------------------------
 
 
+def _slot_ctx(config: Config) -> int:
+    """``n_ctx`` of each slot, as llama-server sizes it: the model's context when ``-c``
+    is 0; with ``--parallel`` auto one unified KV cache of ``-c`` (padded to 256) that
+    every slot may fill; with an explicit ``--parallel N`` a stream per slot, ``-c``
+    padded to a multiple of 256 * N and divided by N."""
+    if config.ctx_size <= 0:
+        return MODEL_CTX
+    if config.parallel > 0:
+        pad = KV_PAD * config.parallel
+        return -(-config.ctx_size // pad) * pad // config.parallel
+    return -(-config.ctx_size // KV_PAD) * KV_PAD
+
+
+def _f32(value: float) -> float:
+    """``value`` through a C ``float``, as llama-server keeps sampling parameters."""
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+def _slot_params(request: dict[str, Any], n_predict: int, stream: bool) -> dict[str, Any]:
+    """Some of the ``params`` a busy slot shows, in the real order: the request's
+    sampling values where it gives numbers, else llama-server's defaults."""
+
+    def number(key: str, default: float) -> float:
+        value = request.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return default
+        return float(value) if abs(value) < FLOAT_MAX else default
+
+    seed = request.get("seed")
+    return {
+        "seed": seed if type(seed) is int and seed >= 0 else 4294967295,
+        "temperature": _f32(number("temperature", 0.8)),
+        "top_k": int(number("top_k", 40)),
+        "top_p": _f32(number("top_p", 0.95)),
+        "min_p": _f32(number("min_p", 0.05)),
+        "max_tokens": n_predict,
+        "n_predict": n_predict,
+        "n_keep": 0,
+        "ignore_eos": request.get("ignore_eos") is True,
+        "stream": stream,
+        "n_probs": 0,
+        "samplers": list(SAMPLERS),
+        "lora": [],
+    }
+
+
+@dataclass
+class _Task:
+    """A request being answered in a slot, as ``/slots`` shows it."""
+
+    id: int
+    n_prompt: int
+    n_predict: int
+    params: dict[str, Any]
+    n_decoded: int = 0
+    seconds: float = 0.0  # generating, as /metrics counts it
+
+    def view(self, slot_id: int, n_ctx: int) -> dict[str, Any]:
+        n_remain = self.n_predict - self.n_decoded if self.n_predict >= 0 else -1
+        return {
+            "id": slot_id,
+            "n_ctx": n_ctx,
+            "speculative": False,
+            "is_processing": True,
+            "id_task": self.id,
+            "n_prompt_tokens": self.n_prompt + self.n_decoded,
+            "n_prompt_tokens_processed": self.n_prompt,
+            "n_prompt_tokens_cache": 0,
+            "params": self.params,
+            "next_token": [
+                {
+                    "has_next_token": True,
+                    "has_new_line": False,
+                    "n_remain": n_remain,
+                    "n_decoded": self.n_decoded,
+                }
+            ],
+        }
+
+
+@dataclass
+class _Counters:
+    """What ``/metrics`` counts. The ``bucket_*`` values are those since the last
+    scrape, which the two throughput gauges are computed from (as in llama-server)."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    predicted_tokens: int = 0
+    predicted_seconds: float = 0.0
+    n_decode: int = 0
+    n_busy_slots: int = 0
+    n_tokens_max: int = 0
+    bucket_prompt_tokens: int = 0
+    bucket_prompt_seconds: float = 0.0
+    bucket_predicted_tokens: int = 0
+    bucket_predicted_seconds: float = 0.0
+
+
+#: The families of llama-server's ``/metrics``, in its order: name, type, help.
+METRIC_FAMILIES = (
+    (
+        "prompt_tokens_total",
+        "counter",
+        "Number of prompt tokens processed, excluding cached tokens",
+    ),
+    ("prompt_tokens_cached_total", "counter", "Number of prompt tokens reused from the cache"),
+    ("prompt_seconds_total", "counter", "Total time spent processing prompts"),
+    ("tokens_predicted_total", "counter", "Number of generation tokens processed"),
+    ("tokens_predicted_seconds_total", "counter", "Total time spent generating tokens"),
+    (
+        "n_decode_total",
+        "counter",
+        "Total number of llama_decode() calls, excluding speculative decoding and "
+        "multimodal decoding",
+    ),
+    ("n_tokens_max", "counter", "Largest observed sequence length (prompt + generation)"),
+    (
+        "spec_decode_num_draft_tokens_total",
+        "counter",
+        "Speculative: Total draft tokens generated",
+    ),
+    (
+        "spec_decode_num_accepted_tokens_total",
+        "counter",
+        "Speculative: Total draft tokens accepted by the target model",
+    ),
+    (
+        "spec_decode_num_drafts_total",
+        "counter",
+        "Speculative: Total speculative decoding verification steps",
+    ),
+    ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s"),
+    ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s"),
+    ("requests_processing", "gauge", "Number of requests processing"),
+    ("requests_deferred", "gauge", "Number of requests deferred"),
+    (
+        "n_busy_slots_per_decode",
+        "gauge",
+        "Average number of busy slots per llama_decode() call",
+    ),
+)
+
+
 class FakeServer:
-    """Shared state of one fake llama-server: readiness, control, request counting."""
+    """Shared state of one fake llama-server: readiness, control, request counting,
+    and the slots with what ``/slots`` and ``/metrics`` report of them."""
 
     def __init__(self, config: Config, behaviour: Behaviour) -> None:
         self.config = config
@@ -666,10 +1017,20 @@ class FakeServer:
         self.ready = False
         self.terminating = False
         self.port = 0
+        self.n_slots = config.parallel if config.parallel > 0 else DEFAULT_SLOTS
+        self.n_ctx_slot = _slot_ctx(config)
         self._lock = threading.Lock()
         self._answered = 0
         self._crash_basis = behaviour.crash_after
         self._tasks = 0
+        self._complained: set[tuple[str, str]] = set()
+        # Slots: the task each one is answering (None: idle), the requests waiting for
+        # one in arrival order (the deferred), and the phantom tasks of `saturated`.
+        self._slots_changed = threading.Condition()
+        self._slots: list[_Task | None] = [None] * self.n_slots
+        self._queue: deque[object] = deque()
+        self._phantoms: dict[int, _Task] = {}
+        self._counters = _Counters()
 
     def overrides(self) -> dict[str, Any]:
         """The control file's current values; obeys ``exit_now`` on the spot."""
@@ -681,9 +1042,24 @@ class FakeServer:
         return values
 
     def setting(self, key: str) -> Any:
-        """The control file's value for ``key`` if it has one, else the environment's."""
+        """The control file's value for ``key`` if it has one, else the environment's.
+        A checked key's bad value is reported once and the environment's is used."""
         values = self.overrides()
-        return values[key] if key in values else getattr(self.behaviour, key)
+        if key not in values:
+            return getattr(self.behaviour, key)
+        check = _CHECKED_KEYS.get(key)
+        if check is None:
+            return values[key]
+        try:
+            return check(values[key])
+        except ValueError as exc:
+            complaint = (key, repr(values[key]))
+            with self._lock:
+                fresh = complaint not in self._complained
+                self._complained.add(complaint)
+            if fresh:
+                _emit(f"fake: ignoring control value {key}={values[key]!r}: {exc}")
+            return getattr(self.behaviour, key)
 
     def answered(self) -> None:
         """Count one answered request; crash when ``crash_after`` is reached."""
@@ -700,6 +1076,151 @@ class FakeServer:
         with self._lock:
             self._tasks += 1
             return self._tasks - 1
+
+    # -- the decode loop's state --
+
+    def wait_while_stuck(self) -> None:
+        """Block while ``decode_stuck`` is set: nothing the decode loop does happens."""
+        while self.setting("decode_stuck"):
+            time.sleep(POLL_INTERVAL)
+
+    def _free_slot(self) -> int | None:
+        if self.setting("saturated") or self.setting("decode_stuck"):
+            return None
+        return next((i for i, task in enumerate(self._slots) if task is None), None)
+
+    def take_slot(self, task: _Task) -> int:
+        """Wait (deferred, first come first served) until a slot is free and the
+        server is not saturated, then start ``task`` there; the slot's id."""
+        ticket = object()
+        with self._slots_changed:
+            self._queue.append(ticket)
+            try:
+                deferred = False
+                while (slot := self._free_slot() if self._queue[0] is ticket else None) is None:
+                    if not deferred:
+                        deferred = True
+                        _emit(f"fake: no slot is available, defer task, id_task = {task.id}")
+                    self._slots_changed.wait(POLL_INTERVAL)  # also sees the control file
+            finally:
+                self._queue.remove(ticket)
+                self._slots_changed.notify_all()
+            self._slots[slot] = task
+            counters = self._counters
+            seconds = task.n_prompt * PROMPT_TOKEN_SECONDS
+            counters.prompt_tokens += task.n_prompt
+            counters.prompt_seconds += seconds
+            counters.bucket_prompt_tokens += task.n_prompt
+            counters.bucket_prompt_seconds += seconds
+            self._decoded(task.n_prompt)
+        _log(
+            "I", f"slot launch_slot_: id {slot:2d} | task {task.id} | processing task, is_child = 0"
+        )
+        return slot
+
+    def _decoded(self, n_tokens: int) -> None:
+        """Count one llama_decode() call over the busy slots (lock held)."""
+        counters = self._counters
+        counters.n_decode += 1
+        counters.n_busy_slots += sum(task is not None for task in self._slots)
+        counters.n_tokens_max = max(counters.n_tokens_max, n_tokens)
+
+    def token(self, slot: int, seconds: float) -> None:
+        """The task in ``slot`` has generated one more token, in ``seconds`` (0: in
+        the default time /metrics counts for one)."""
+        with self._slots_changed:
+            task = self._slots[slot]
+            if task is not None:
+                task.n_decoded += 1
+                task.seconds += seconds or DEFAULT_TOKEN_SECONDS
+                self._decoded(task.n_prompt + task.n_decoded - 1)
+
+    def release(self, slot: int, task: _Task) -> None:
+        """``task`` is done (or its client gone): count its tokens and free ``slot``.
+        Releasing twice does nothing."""
+        with self._slots_changed:
+            if self._slots[slot] is not task:
+                return
+            self._slots[slot] = None
+            self._slots_changed.notify_all()
+            counters = self._counters
+            counters.predicted_tokens += task.n_decoded
+            counters.predicted_seconds += task.seconds
+            counters.bucket_predicted_tokens += task.n_decoded
+            counters.bucket_predicted_seconds += task.seconds
+        n_tokens = max(task.n_prompt, task.n_prompt + task.n_decoded - 1)
+        _log(
+            "I",
+            f"slot      release: id {slot:2d} | task {task.id} | stop processing: "
+            f"n_tokens = {n_tokens}, truncated = 0",
+        )
+
+    def _shown_tasks(self) -> list[_Task | None]:
+        """Each slot's task; while ``saturated``, idle slots show a phantom task."""
+        saturated = self.setting("saturated")
+        with self._slots_changed:
+            tasks = list(self._slots)
+            if not saturated:
+                self._phantoms.clear()
+                return tasks
+            for slot, task in enumerate(tasks):
+                if task is None:
+                    if slot not in self._phantoms:
+                        params = _slot_params({}, PHANTOM_PREDICT, False)
+                        phantom = _Task(self.next_task(), PHANTOM_PROMPT, PHANTOM_PREDICT, params)
+                        phantom.n_decoded = PHANTOM_DECODED
+                        self._phantoms[slot] = phantom
+                    tasks[slot] = self._phantoms[slot]
+            return tasks
+
+    def slots_view(self) -> list[dict[str, Any]]:
+        """What ``GET /slots`` answers: one object per slot."""
+        idle = {"speculative": False, "is_processing": False}
+        return [
+            task.view(slot, self.n_ctx_slot)
+            if task is not None
+            else {"id": slot, "n_ctx": self.n_ctx_slot, **idle}
+            for slot, task in enumerate(self._shown_tasks())
+        ]
+
+    def metrics_text(self) -> str:
+        """What ``GET /metrics`` answers; starts a new bucket for the gauges."""
+        saturated = int(self.setting("saturated") or 0)
+        with self._slots_changed:
+            counters = self._counters
+            processing = sum(task is not None for task in self._slots)
+            values = {
+                "prompt_tokens_total": counters.prompt_tokens,
+                "prompt_tokens_cached_total": 0,
+                "prompt_seconds_total": counters.prompt_seconds,
+                "tokens_predicted_total": counters.predicted_tokens,
+                "tokens_predicted_seconds_total": counters.predicted_seconds,
+                "n_decode_total": counters.n_decode,
+                "n_tokens_max": counters.n_tokens_max,
+                "spec_decode_num_draft_tokens_total": 0,
+                "spec_decode_num_accepted_tokens_total": 0,
+                "spec_decode_num_drafts_total": 0,
+                "prompt_tokens_seconds": _rate(
+                    counters.bucket_prompt_tokens, counters.bucket_prompt_seconds
+                ),
+                "predicted_tokens_seconds": _rate(
+                    counters.bucket_predicted_tokens, counters.bucket_predicted_seconds
+                ),
+                "requests_processing": self.n_slots if saturated else processing,
+                "requests_deferred": saturated + len(self._queue),
+                "n_busy_slots_per_decode": _rate(counters.n_busy_slots, counters.n_decode),
+            }
+            counters.bucket_prompt_tokens = counters.bucket_predicted_tokens = 0
+            counters.bucket_prompt_seconds = counters.bucket_predicted_seconds = 0.0
+        return "".join(
+            f"# HELP llamacpp:{name} {text}\n# TYPE llamacpp:{name} {kind}\n"
+            f"llamacpp:{name} {values[name]:g}\n"
+            for name, kind, text in METRIC_FAMILIES
+        )
+
+
+def _rate(amount: float, per: float) -> float:
+    return amount / per if per else 0.0
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -743,6 +1264,7 @@ NOT_FOUND_BODY = {"error": {"message": "File Not Found", "type": "not_found_erro
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "llama.cpp"
+    query: dict[str, list[str]]
 
     @property
     def app(self) -> FakeServer:
@@ -782,6 +1304,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         self.wfile.flush()
 
+    def _send_metrics(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self.send_response(200)
+        self.send_header("Access-Control-Allow-Origin", "")
+        # ggml_time_us() when the answer was made: CLOCK_MONOTONIC in microseconds.
+        self.send_header("Process-Start-Time-Unix", str(time.monotonic_ns() // 1000))
+        self.send_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
     def _stream(self, events: Iterator[str]) -> None:
         """Server-sent events, chunked like llama-server's stream responses."""
         self.send_response(200)
@@ -807,7 +1341,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         app = self.app
         config = app.config
-        path = urlsplit(self.path).path
+        parts = urlsplit(self.path)
+        path, self.query = parts.path, parse_qs(parts.query)
         body = self._body()
         prefix = config.api_prefix
         route = path[len(prefix) :] if prefix and path.startswith(prefix) else path
@@ -907,47 +1442,76 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._answer(request, prompt if isinstance(prompt, str) else json.dumps(prompt), False)
 
+    def _queue_task(self) -> bool:
+        """What a completion or embedding meets between its validation and a slot: the
+        ``completions`` shape, then a stuck decode loop. False: answered already."""
+        app = self.app
+        while (mode := app.setting("completions")) == "hang":
+            time.sleep(POLL_INTERVAL)  # never answer, until the control file says otherwise
+        if mode == "error500":
+            _srv("E", "send_error", f"task id = {app.next_task()}, error: {COMPUTE_ERROR}")
+            self._finish(500, _error(500, COMPUTE_ERROR, "server_error"))
+            return False
+        app.wait_while_stuck()
+        return True
+
+    def _generate(self, slot: int, task: _Task, words: list[str]) -> Iterator[str]:
+        """The answer's words, one token each, paced by ``token_seconds`` and counted in
+        the slot; the slot is released right after the last one."""
+        app = self.app
+        try:
+            for word in words:
+                delay = app.setting("token_seconds")
+                if delay:
+                    time.sleep(delay)
+                app.wait_while_stuck()
+                app.token(slot, delay)
+                yield word
+        finally:
+            app.release(slot, task)
+
     def _answer(self, request: dict[str, Any], prompt: str, chat: bool) -> None:
         app = self.app
-        words, finish = _reply_words(prompt, request.get("max_tokens"))
-        task = app.next_task()
-        _log("I", f"slot launch_slot_: id  0 | task {task} | processing task, is_child = 0")
-        created = int(time.time())
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        base = {
-            "created": created,
-            "id": ident,
-            "model": app.model_name,
-            "system_fingerprint": f"b{_build()}-{COMMIT}",
-        }
+        n_predict = _n_predict(request)
         n_prompt = max(1, len(prompt.split()))
-        usage = {
-            "completion_tokens": len(words),
-            "prompt_tokens": n_prompt,
-            "total_tokens": len(words) + n_prompt,
-        }
-        text = " ".join(words)
-        if request.get("stream"):
-            options = request.get("stream_options")
-            with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            self._stream(_sse(base, words, finish, usage if with_usage else None, chat))
-            self.app.answered()
-        elif chat:
-            message = {"role": "assistant", "content": text}
-            choice = {"finish_reason": finish, "index": 0, "message": message}
-            self._finish(
-                200, {"choices": [choice], **base, "object": "chat.completion", "usage": usage}
-            )
-        else:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-            self._finish(
-                200, {"choices": [choice], **base, "object": "text_completion", "usage": usage}
-            )
-        _log(
-            "I",
-            f"slot      release: id  0 | task {task} | stop processing: "
-            f"n_tokens = {usage['total_tokens']}, truncated = 0",
-        )
+        stream = bool(request.get("stream"))
+        ignore_eos = request.get("ignore_eos") is True
+        room = max(0, app.n_ctx_slot - n_prompt)
+        words, finish = _reply_words(prompt, n_predict, ignore_eos, room)
+        if not self._queue_task():
+            return
+        task = _Task(app.next_task(), n_prompt, n_predict, _slot_params(request, n_predict, stream))
+        slot = app.take_slot(task)
+        try:
+            base = {
+                "created": int(time.time()),
+                "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+                "model": app.model_name,
+                "system_fingerprint": f"b{_build()}-{COMMIT}",
+            }
+            usage = {
+                "completion_tokens": len(words),
+                "prompt_tokens": n_prompt,
+                "total_tokens": len(words) + n_prompt,
+            }
+            tokens = self._generate(slot, task, words)
+            if stream:
+                options = request.get("stream_options")
+                with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+                self._stream(_sse(base, tokens, finish, usage if with_usage else None, chat))
+                app.answered()
+                return
+            text = " ".join(tokens)  # every token generated: the slot is free again
+            if chat:
+                message = {"role": "assistant", "content": text}
+                choice: dict[str, Any] = {"finish_reason": finish, "index": 0, "message": message}
+                kind = "chat.completion"
+            else:
+                choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+                kind = "text_completion"
+            self._finish(200, {"choices": [choice], **base, "object": kind, "usage": usage})
+        finally:
+            app.release(slot, task)  # a client gone mid-stream frees its slot too
 
     def _embeddings(self, body: bytes) -> None:
         app = self.app
@@ -969,11 +1533,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._finish(400, _error(400, '"input" must be provided', "invalid_request_error"))
             return
         inputs = given if isinstance(given, list) else [given]
-        data = [
-            {"embedding": _embedding_of(json.dumps(item)), "index": i, "object": "embedding"}
-            for i, item in enumerate(inputs)
-        ]
         tokens = sum(max(1, len(str(item).split())) for item in inputs)
+        if not self._queue_task():
+            return
+        task = _Task(app.next_task(), tokens, -1, _slot_params(request, -1, False))
+        slot = app.take_slot(task)
+        try:
+            data = [
+                {"embedding": _embedding_of(json.dumps(item)), "index": i, "object": "embedding"}
+                for i, item in enumerate(inputs)
+            ]
+        finally:
+            app.release(slot, task)
         self._finish(
             200,
             {
@@ -984,12 +1555,39 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    def _slots(self, body: bytes) -> None:
+        app = self.app
+        if not app.config.slots:
+            message = "This server does not support slots endpoint. Start it with `--slots`"
+            self._finish(501, _error(501, message, "not_supported_error"))
+            return
+        app.next_task()  # the real handler asks the decode loop, through a task
+        app.wait_while_stuck()
+        view = app.slots_view()
+        if self.query.get("fail_on_no_slot") and all(s["is_processing"] for s in view):
+            self._finish(503, _error(503, "no slot available", "unavailable_error"))
+            return
+        self._finish(200, view)
+
+    def _metrics(self, body: bytes) -> None:
+        app = self.app
+        if not app.config.metrics:
+            message = "This server does not support metrics endpoint. Start it with `--metrics`"
+            self._finish(501, _error(501, message, "not_supported_error"))
+            return
+        app.next_task()
+        app.wait_while_stuck()
+        self._send_metrics(app.metrics_text())
+        app.answered()
+
 
 _ROUTES: dict[tuple[str, str], Callable[[_Handler, bytes], None]] = {
     ("GET", "/health"): _Handler._health,
     ("GET", "/v1/health"): _Handler._health,
     ("GET", "/models"): _Handler._models,
     ("GET", "/v1/models"): _Handler._models,
+    ("GET", "/slots"): _Handler._slots,
+    ("GET", "/metrics"): _Handler._metrics,
     ("POST", "/chat/completions"): _Handler._chat,
     ("POST", "/v1/chat/completions"): _Handler._chat,
     ("POST", "/completion"): _Handler._completion,
@@ -1014,17 +1612,34 @@ def _last_user_text(messages: list[Any]) -> str:
     return ""
 
 
-def _reply_words(prompt: str, max_tokens: object) -> tuple[list[str], str]:
-    """The deterministic answer: ``You said:`` and the prompt's first eight words."""
+def _n_predict(request: dict[str, Any]) -> int:
+    """How many tokens a request may generate (-1: no limit): ``n_predict``, else the
+    OpenAI names for it, as llama-server reads them."""
+    for key in ("n_predict", "max_tokens", "max_completion_tokens"):
+        value = request.get(key)
+        if type(value) is int:
+            return max(-1, value)
+    return -1
+
+
+def _reply_words(
+    prompt: str, n_predict: int, ignore_eos: bool = False, room: int = MODEL_CTX
+) -> tuple[list[str], str]:
+    """The deterministic answer: ``You said:`` and the prompt's first eight words, cut
+    to ``n_predict``. With ``ignore_eos`` it runs on (repeating itself) to
+    ``n_predict`` tokens, or to the ``room`` left in the slot's context."""
     words = ["You", "said:", *prompt.split()[:8]] if prompt.split() else ["Hello", "there."]
-    if type(max_tokens) is int and 0 <= max_tokens < len(words):
-        return words[:max_tokens], "length"
+    if ignore_eos:
+        target = min(n_predict, room) if n_predict >= 0 else room
+        return [words[i % len(words)] for i in range(target)], "length"
+    if 0 <= n_predict < len(words):
+        return words[:n_predict], "length"
     return words, "stop"
 
 
 def _sse(
     base: dict[str, Any],
-    words: list[str],
+    words: Iterator[str],
     finish: str,
     usage: dict[str, int] | None,
     chat: bool,
@@ -1209,12 +1824,12 @@ def serve(config: Config, behaviour: Behaviour) -> int:
             "exiting due to model loading error",
         )
     _load(app)
-    slots = config.parallel if config.parallel > 0 else 4
+    unified = "false" if config.parallel > 0 else "true"
     _srv(
         "I",
         "load_model",
-        f"initializing, n_slots = {slots}, n_ctx_slot = {config.ctx_size or 4096}, "
-        "kv_unified = 'true'",
+        f"initializing, n_slots = {app.n_slots}, n_ctx_slot = {app.n_ctx_slot}, "
+        f"kv_unified = '{unified}'",
     )
     app.ready = True
     _srv("I", "llama_server", "model loaded")
