@@ -7,7 +7,8 @@
     with Runtime() as runtime, RuntimeMetrics(runtime) as metrics, metrics.serve() as server:
         print("scrape", server.url)
 
-Per-instance gauges are read from ``runtime.instances()`` when Prometheus scrapes, so an
+Per-instance gauges, the server's load among them (slots, requests, throughput, KV
+cache, saturation), are read from ``runtime.instances()`` when Prometheus scrapes, so an
 instance the runtime forgets disappears from them by itself. Histograms and counters are
 fed by the runtime's signals: their receivers run on actor threads and only observe a
 value or add one. See ``guides/metrics.md`` for every metric, its labels and meaning.
@@ -30,8 +31,10 @@ from llama_actors._exceptions import (
     MetricsUnavailableError,
     UsageError,
 )
+from llama_actors._kernel.load import ServerLoad
 from llama_actors._kernel.types import Health, InstanceState, RuntimeSnapshot
 from llama_actors._runtime.signals import (
+    health_changed,
     instance_ready,
     lease_expired,
     lease_granted,
@@ -77,6 +80,52 @@ HEALTHS: tuple[str, ...] = get_args(Health)
 VERDICTS = ("healthy", "degraded", "failure")
 RELEASE_REASONS = ("released", "drained", "instance stopped")
 INSTANCE_LABELS = ("instance_id", "instance_key")
+#: The (new health, cause) pairs the runtime publishes, shown from the start at zero; a
+#: pair not listed here still counts, from its first change on.
+HEALTH_CHANGES: tuple[tuple[str, str], ...] = (
+    *(("healthy", cause) for cause in ("ready", "probe", "inference", "saturated")),
+    *(("degraded", cause) for cause in ("probe", "inference", "saturated", "callers")),
+    *(
+        ("unavailable", cause)
+        for cause in ("probe", "inference", "callers", "exited", "stopped", "failed")
+    ),
+)
+#: The per-instance gauges of a server's load: name, :class:`ServerLoad` field, help. A
+#: figure the server does not give (None) is left out, never shown as 0.
+LOAD_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("instance_slots", "slots_total", "Slots the instance's server has (from /slots)."),
+    ("instance_slots_busy", "slots_busy", "Slots busy with a request (from /slots)."),
+    (
+        "instance_requests_processing",
+        "requests_processing",
+        "Requests the server is processing (from /metrics).",
+    ),
+    (
+        "instance_requests_deferred",
+        "requests_deferred",
+        "Requests waiting for a free slot (from /metrics).",
+    ),
+    (
+        "instance_prompt_tokens_per_second",
+        "prompt_tokens_per_s",
+        "Prompt tokens the server processed per second, its own figure (from /metrics).",
+    ),
+    (
+        "instance_generation_tokens_per_second",
+        "generation_tokens_per_s",
+        "Tokens the server generated per second, its own figure (from /metrics).",
+    ),
+    (
+        "instance_kv_cache_tokens",
+        "kv_cache_tokens",
+        "Tokens held in the context of the busy slots (from /slots).",
+    ),
+    (
+        "instance_kv_cache_ratio",
+        "kv_cache_ratio",
+        "The fullest busy slot's use of its context, 0 to 1 (from /slots).",
+    ),
+)
 _NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -146,6 +195,11 @@ class RuntimeMetrics:
         self.leases_released = counter(
             "leases_released", "Leases that ended before their TTL, by reason.", ["reason"]
         )
+        self.health_changes = counter(
+            "health_changes",
+            "Changes of an instance's published health, by the new health and its cause.",
+            ["health", "cause"],
+        )
         # Every label value that can occur is shown from the start, at zero.
         for boot in ("first", "restart"):
             self.time_to_ready.labels(boot)
@@ -153,6 +207,8 @@ class RuntimeMetrics:
             self.probe_latency.labels(verdict)
         for reason in RELEASE_REASONS:
             self.leases_released.labels(reason)
+        for health, cause in HEALTH_CHANGES:
+            self.health_changes.labels(health, cause)
 
         self._receivers: list[tuple[blinker.NamedSignal, Callable[..., None]]] = [
             (instance_ready, self._on_ready),
@@ -161,6 +217,7 @@ class RuntimeMetrics:
             (lease_renewed, self._counting(self.leases_renewed)),
             (lease_expired, self._counting(self.leases_expired)),
             (lease_released, self._on_released),
+            (health_changed, self._on_health_changed),
         ]
         self._collector = _Collector(self)
         try:
@@ -242,6 +299,12 @@ class RuntimeMetrics:
         if self._ours(instance_id) is not None:
             self.leases_released.labels(reason).inc()
 
+    def _on_health_changed(
+        self, _sender: str, *, instance_id: str, new: str, cause: str, **_: Any
+    ) -> None:
+        if self._ours(instance_id) is not None:
+            self.health_changes.labels(new, cause).inc()
+
     def _counting(self, counter: prometheus_client.Counter) -> Callable[..., None]:
         def receive(_sender: str, *, instance_id: str, **_: Any) -> None:
             if self._ours(instance_id) is not None:
@@ -272,12 +335,16 @@ class _Collector:
     def describe(self) -> Iterable[Metric]:
         # Names only, so the registry can refuse a second set of the same names.
         yield from self._instance_families()
+        load_gauges, saturated = self._load_families()
+        yield from (gauge for _, gauge in load_gauges)
+        yield saturated
         yield from self._signal_families()
 
     def collect(self) -> Iterable[Metric]:
         snaps = self.owner.runtime.instances()
         ready_s, probe_s = self.owner._latest({s.instance_id for s in snaps})
         state, health, leases, restarts, uptime, last_ready, last_probe = self._instance_families()
+        load_gauges, saturated = self._load_families()
         for snap in snaps:
             ids = [snap.instance_id, snap.instance_key]
             for value in STATES:
@@ -291,7 +358,16 @@ class _Collector:
                 last_ready.add_metric(ids, ready_s[snap.instance_id])
             if snap.instance_id in probe_s:
                 last_probe.add_metric(ids, probe_s[snap.instance_id])
+            if snap.load is not None:
+                for field, gauge in load_gauges:
+                    value = getattr(snap.load, field)
+                    if value is not None:
+                        gauge.add_metric(ids, value)
+                if (known := _saturation(snap.load)) is not None:
+                    saturated.add_metric(ids, known)
         yield from (state, health, leases, restarts, uptime, last_ready, last_probe)
+        yield from (gauge for _, gauge in load_gauges)
+        yield saturated
         yield from self._signal_families()
 
     def _instance_families(self) -> _InstanceFamilies:
@@ -317,6 +393,23 @@ class _Collector:
             gauge("instance_last_probe_latency_seconds", "Seconds its last health probe took."),
         )
 
+    def _load_families(self) -> tuple[list[tuple[str, GaugeMetricFamily]], GaugeMetricFamily]:
+        """A gauge per :data:`LOAD_GAUGES` entry (with its ServerLoad field), and
+        ``instance_saturated``."""
+        ns = self.owner.namespace
+        labels = list(INSTANCE_LABELS)
+        gauges = [
+            (field, GaugeMetricFamily(f"{ns}_{name}", doc, labels=labels))
+            for name, field, doc in LOAD_GAUGES
+        ]
+        saturated = GaugeMetricFamily(
+            f"{ns}_instance_saturated",
+            "1 while every slot is busy and requests are deferred, else 0 (needs /slots and "
+            "/metrics).",
+            labels=labels,
+        )
+        return gauges, saturated
+
     def _signal_families(self) -> Iterable[Metric]:
         owner = self.owner
         for metric in (
@@ -326,8 +419,17 @@ class _Collector:
             owner.leases_renewed,
             owner.leases_expired,
             owner.leases_released,
+            owner.health_changes,
         ):
             yield from metric.collect()
+
+
+def _saturation(load: ServerLoad) -> float | None:
+    """1.0 when the reading says saturated, 0.0 when it says not, None when it cannot
+    tell: that takes the slots (``/slots``) and the requests deferred (``/metrics``)."""
+    if load.slots_total is None or load.requests_deferred is None:
+        return None
+    return 1.0 if load.saturated else 0.0
 
 
 class _Quiet(WSGIRequestHandler):

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llama_actors import LlamaActorsError, Runtime, UsageError, signals
+from llama_actors._kernel.load import ServerLoad
 from llama_actors.metrics import MetricsServer, RuntimeMetrics
 from llama_actors.testing.signals import SignalRecorder
 
@@ -24,6 +28,22 @@ from ._helpers import FAST, WAIT, Fake
 
 STATES = ("starting", "ready", "stopping", "stopped", "failed")
 HEALTHS = ("unknown", "healthy", "degraded", "unavailable")
+LOAD_METRICS = (
+    "llama_actors_instance_slots",
+    "llama_actors_instance_slots_busy",
+    "llama_actors_instance_requests_processing",
+    "llama_actors_instance_requests_deferred",
+    "llama_actors_instance_prompt_tokens_per_second",
+    "llama_actors_instance_generation_tokens_per_second",
+    "llama_actors_instance_kv_cache_tokens",
+    "llama_actors_instance_kv_cache_ratio",
+    "llama_actors_instance_saturated",
+)
+#: For instances whose load a test puts on the board: the poller never reads the server's,
+#: so nothing overwrites it.
+UNREAD = msgspec.structs.replace(FAST, load_interval_ms=None)
+#: The fake's /slots and /metrics read ten times a second.
+READ_OFTEN = msgspec.structs.replace(FAST, load_interval_ms=100)
 
 
 class Scrape:
@@ -302,3 +322,203 @@ def test_without_prometheus_client_importing_the_module_says_how_to_install_it(
 def test_buckets_that_do_not_increase_are_a_usage_error(runtime: Runtime) -> None:
     with pytest.raises(UsageError, match=r"time_to_ready_seconds buckets .* got \(5, 1\)"):
         RuntimeMetrics(runtime, time_to_ready_buckets=(5, 1))
+
+
+# -- the server's load and the health changes ---------------------------------------------
+
+
+def wait_for_load(runtime: Runtime, iid: str) -> ServerLoad:
+    """The instance's first load reading. Nothing announces one (it changes no health):
+    look at the snapshot again in a moment until it has one."""
+    deadline = time.monotonic() + WAIT
+    while (load := runtime.snapshot(iid).load) is None:
+        assert time.monotonic() < deadline, f"no load reading of {iid} within {WAIT:g}s"
+        threading.Event().wait(0.02)
+    return load
+
+
+def test_a_ready_instance_shows_every_load_figure_its_server_gives_and_whether_it_is_saturated(
+    runtime: Runtime, fake: Fake, server: MetricsServer
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests", policy=UNREAD)
+    iid, key = resolution.instance.instance_id, resolution.instance.instance_key
+    load = ServerLoad(
+        slots_total=4,
+        slots_busy=4,
+        requests_processing=4,
+        requests_deferred=2,
+        prompt_tokens_per_s=512.5,
+        generation_tokens_per_s=48.25,
+        kv_cache_tokens=900,
+        kv_cache_ratio=0.375,
+        read_at=1.0,
+    )
+    runtime._ctx.board.set_load(iid, load)
+
+    got = scrape(server)
+
+    assert {name: got.value(name, instance_id=iid, instance_key=key) for name in LOAD_METRICS} == {
+        "llama_actors_instance_slots": 4,
+        "llama_actors_instance_slots_busy": 4,
+        "llama_actors_instance_requests_processing": 4,
+        "llama_actors_instance_requests_deferred": 2,
+        "llama_actors_instance_prompt_tokens_per_second": 512.5,
+        "llama_actors_instance_generation_tokens_per_second": 48.25,
+        "llama_actors_instance_kv_cache_tokens": 900,
+        "llama_actors_instance_kv_cache_ratio": 0.375,
+        "llama_actors_instance_saturated": 1,
+    }
+
+    runtime._ctx.board.set_load(iid, msgspec.structs.replace(load, slots_busy=3))
+    assert scrape(server).value("llama_actors_instance_saturated", instance_id=iid) == 0
+
+
+def test_a_figure_the_server_does_not_give_is_left_out_rather_than_shown_as_zero(
+    runtime: Runtime, tmp_path: Path, server: MetricsServer
+) -> None:
+    # One server without --metrics (slot figures only); one whose load nobody read.
+    slots_only = runtime.resolve_endpoint(
+        Fake(tmp_path / "a").spec(), "tests", policy=UNREAD
+    ).instance.instance_id
+    unread = runtime.resolve_endpoint(
+        Fake(tmp_path / "b").spec(), "tests", policy=UNREAD
+    ).instance.instance_id
+    runtime._ctx.board.set_load(
+        slots_only,
+        ServerLoad(slots_total=4, slots_busy=4, kv_cache_tokens=120, kv_cache_ratio=0.05),
+    )
+
+    got = scrape(server)
+
+    shown = {s.name for s in got.samples if s.labels.get("instance_id") == slots_only}
+    assert shown & set(LOAD_METRICS) == {
+        "llama_actors_instance_slots",
+        "llama_actors_instance_slots_busy",
+        "llama_actors_instance_kv_cache_tokens",
+        "llama_actors_instance_kv_cache_ratio",
+    }  # all slots busy, but nobody knows whether requests wait: saturated is not shown
+    assert got.value("llama_actors_instance_slots_busy", instance_id=slots_only) == 4
+    unread_shown = {s.name for s in got.samples if s.labels.get("instance_id") == unread}
+    assert unread_shown & set(LOAD_METRICS) == set()
+    assert got.value("llama_actors_instance_state", instance_id=unread, state="ready") == 1
+
+
+def test_an_instance_that_is_not_ready_shows_no_load_figures(
+    runtime: Runtime, fake: Fake, server: MetricsServer
+) -> None:
+    iid = runtime.resolve_endpoint(fake.spec(), "tests", policy=UNREAD).instance.instance_id
+    runtime._ctx.board.set_load(iid, ServerLoad(slots_total=2, slots_busy=1, requests_deferred=0))
+    assert scrape(server).value("llama_actors_instance_slots", instance_id=iid) == 2
+
+    runtime.stop_instance(iid)
+
+    got = scrape(server)
+    assert got.value("llama_actors_instance_state", instance_id=iid, state="stopped") == 1
+    assert [s for s in got.samples if s.name in LOAD_METRICS] == []
+
+
+def test_health_changes_are_counted_by_the_new_health_and_its_cause(
+    runtime: Runtime, fake: Fake, server: MetricsServer, recorder: SignalRecorder
+) -> None:
+    before = scrape(server)
+    # Every change the runtime makes is shown from the start, at zero.
+    for health, cause in (
+        ("healthy", "ready"),
+        ("degraded", "saturated"),
+        ("unavailable", "exited"),
+    ):
+        assert before.value("llama_actors_health_changes_total", health=health, cause=cause) == 0
+
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
+    iid, pid = resolution.instance.instance_id, resolution.instance.pid
+    assert pid is not None
+    recorder.wait_for("health_changed", iid, new="healthy", timeout=WAIT)
+    fake.set(health="degraded")
+    recorder.wait_for("health_changed", iid, new="degraded", timeout=WAIT)
+    fake.set(health="ok")
+    recorder.wait_for("health_changed", iid, new="healthy", timeout=WAIT, count=2)
+    os.kill(pid, signal.SIGKILL)
+    recorder.wait_for("health_changed", iid, new="healthy", timeout=WAIT, count=3)
+    runtime.release(resolution.lease.lease_ref)
+    runtime.stop_instance(iid)
+    recorder.wait_for("health_changed", iid, new="unavailable", timeout=WAIT, count=2)
+
+    got = scrape(server)
+    counted = {
+        (s.labels["health"], s.labels["cause"]): s.value
+        for s in got.find("llama_actors_health_changes_total")
+        if s.value
+    }
+    assert counted == {
+        ("healthy", "ready"): 2,  # ready, and ready again after the restart
+        ("degraded", "probe"): 1,
+        ("healthy", "probe"): 1,
+        ("unavailable", "exited"): 1,
+        ("unavailable", "stopped"): 1,
+    }
+
+
+def test_failures_reported_by_callers_count_as_health_changes_caused_by_callers(
+    runtime: Runtime, fake: Fake, server: MetricsServer, recorder: SignalRecorder
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), "tests")
+    iid = resolution.instance.instance_id
+
+    for _ in range(2):  # report_degraded_after
+        runtime.report(resolution.lease.lease_ref, False, detail="timed out")
+    recorder.wait_for("health_changed", iid, new="degraded", cause="callers", timeout=WAIT)
+
+    got = scrape(server)
+    assert got.value("llama_actors_health_changes_total", health="degraded", cause="callers") == 1
+    assert got.value("llama_actors_instance_health", instance_id=iid, health="degraded") == 1
+
+
+def test_a_saturated_server_shows_every_slot_busy_requests_deferred_and_saturation_as_the_cause(
+    runtime: Runtime,
+    fake: Fake,
+    server: MetricsServer,
+    recorder: SignalRecorder,
+    fake_serves_load: None,
+) -> None:
+    iid = runtime.resolve_endpoint(fake.spec(), "tests", policy=READ_OFTEN).instance.instance_id
+
+    fake.set(saturated=2)
+    recorder.wait_for("health_changed", iid, new="degraded", cause="saturated", timeout=WAIT)
+
+    got = scrape(server)
+    slots = got.value("llama_actors_instance_slots", instance_id=iid)
+    assert slots >= 1
+    assert got.value("llama_actors_instance_slots_busy", instance_id=iid) == slots
+    assert got.value("llama_actors_instance_requests_deferred", instance_id=iid) >= 2
+    assert got.value("llama_actors_instance_saturated", instance_id=iid) == 1
+    assert got.value("llama_actors_instance_health", instance_id=iid, health="degraded") == 1
+    assert got.value("llama_actors_instance_kv_cache_tokens", instance_id=iid) > 0
+    assert got.value("llama_actors_health_changes_total", health="degraded", cause="saturated") == 1
+
+    fake.set(saturated=0)
+    recorder.wait_for("health_changed", iid, new="healthy", cause="saturated", timeout=WAIT)
+
+    got = scrape(server)
+    assert got.value("llama_actors_instance_saturated", instance_id=iid) == 0
+    assert got.value("llama_actors_instance_requests_deferred", instance_id=iid) == 0
+    assert got.value("llama_actors_health_changes_total", health="healthy", cause="saturated") == 1
+
+
+def test_without_metrics_on_the_server_only_the_slot_figures_are_shown(
+    runtime: Runtime, fake: Fake, server: MetricsServer, fake_serves_load: None
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(metrics=False), "tests", policy=READ_OFTEN)
+    iid = resolution.instance.instance_id
+    assert "--metrics" not in json.loads((fake.folder / "argv.json").read_text())
+    wait_for_load(runtime, iid)
+
+    got = scrape(server)
+
+    shown = {s.name for s in got.samples if s.labels.get("instance_id") == iid}
+    assert shown & set(LOAD_METRICS) == {
+        "llama_actors_instance_slots",
+        "llama_actors_instance_slots_busy",
+        "llama_actors_instance_kv_cache_tokens",
+        "llama_actors_instance_kv_cache_ratio",
+    }
+    assert got.value("llama_actors_instance_slots_busy", instance_id=iid) == 0

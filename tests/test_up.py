@@ -4,6 +4,7 @@ backend failed for good."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -16,11 +17,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
 
-from llama_actors._cli.up import BackendStatus, render_table
+from llama_actors import Runtime
+from llama_actors._cli.config import Config
+from llama_actors._cli.up import BackendStatus, _Up, render_table
+from llama_actors._kernel.load import ServerLoad
 from llama_actors.testing.fake import FAKE_SERVER, start_fake
+
+from ._helpers import FAST, Fake
 
 CLI = str(Path(sys.executable).parent / "llama-actors")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -349,6 +356,99 @@ def test_the_table_has_a_column_per_field_and_dashes_for_what_is_unknown() -> No
     ]
     assert chat.split() == ["chat", "ready", "healthy", "8080", "42", "2", "1", "1:02:05"]
     assert embed.split() == ["embed", "starting", "(loading)", "unknown", "-", "-", "0", "0", "-"]
+
+
+def test_the_table_shows_busy_and_total_slots_and_why_a_saturated_backend_is_degraded() -> None:
+    saturated = "saturated: 4 of 4 slots busy, 2 requests deferred"
+    rows = [
+        BackendStatus(
+            name="chat",
+            state="ready",
+            health="degraded",
+            health_reason=saturated,
+            health_cause="saturated",
+            slots_busy=4,
+            slots_total=4,
+        ),
+        BackendStatus(
+            name="embed",
+            state="ready",
+            health="healthy",
+            health_reason="no longer saturated (was: saturated: 1 of 1 slots busy)",
+            health_cause="saturated",
+            slots_busy=0,
+            slots_total=1,
+        ),
+        BackendStatus(name="batch", state="ready", health="degraded", health_reason="slow"),
+    ]
+    header, chat, embed, batch = render_table(rows)
+    assert header.split()[-2:] == ["uptime", "slots"]
+    assert f"  degraded ({saturated})  " in chat
+    assert chat.split()[-1] == "4/4"
+    assert embed.split()[2] == "healthy"  # the reason is shown only while saturated
+    assert embed.split()[-1] == "0/1"
+    assert batch.split()[2] == "degraded"  # another cause: its reason is in the log lines
+    assert batch.split()[-1] == "-"  # its server does not tell its slots
+    # Without any slot figures there is no slots column at all.
+    assert render_table(rows[2:])[0].split()[-1] == "uptime"
+
+
+def test_up_takes_the_slots_and_the_saturation_figures_of_now_from_the_snapshot(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    spec = Fake(tmp_path / "fake").spec()
+    # The poller never reads the load: the figures put on the board stay as they are.
+    policy = msgspec.structs.replace(FAST, load_interval_ms=None)
+    up = _Up(
+        Config(source="up.toml", backends={"chat": spec}, policies={"chat": policy}),
+        ["chat"],
+        runtime,
+        io.StringIO(),
+        live=False,
+        refresh_s=0.5,
+        abort_on_failure=False,
+    )
+    iid = runtime.ensure_instance(spec, policy=policy).instance.instance_id
+    board = runtime._ctx.board
+    board.set_load(iid, ServerLoad(slots_total=4, slots_busy=1, requests_deferred=0))
+    (row,) = up.rows()
+    assert (row.health, row.slots_busy, row.slots_total) == ("healthy", 1, 4)
+    assert render_table([row])[1].split()[-1] == "1/4"
+
+    # Saturated when the health changed with 1 request deferred; 3 wait now.
+    board.set_health(
+        iid, "degraded", "saturated: 4 of 4 slots busy, 1 request deferred", "saturated"
+    )
+    board.set_load(iid, ServerLoad(slots_total=4, slots_busy=4, requests_deferred=3))
+    (row,) = up.rows()
+
+    assert row.health_cause == "saturated"
+    line = render_table([row])[1]
+    assert "  degraded (saturated: 4 of 4 slots busy, 3 requests deferred)  " in line
+    assert line.split()[-1] == "4/4"
+
+
+def test_status_shows_a_saturated_backend_as_degraded_with_its_slots_all_busy(
+    tmp_path: Path, up_runs: list[Up], fake_serves_load: None
+) -> None:
+    config = write_config(tmp_path, fake_backend("chat", saturated="2"))
+    up = Up(config, tmp_path / "state")
+    up_runs.append(up)
+    up.wait_for("health healthy -> degraded (saturated: ")
+
+    deadline = time.monotonic() + 30  # the status file follows the transitions by one redraw
+    while True:
+        shown = status(tmp_path / "state")
+        row = next((line for line in shown.stdout.splitlines() if line.split()[:1] == ["chat"]), "")
+        if "(saturated: " in row or time.monotonic() > deadline:
+            break
+    assert "  degraded (saturated: 4 of 4 slots busy, 2 requests deferred)  " in row, shown.stdout
+    assert row.split()[-1] == "4/4"
+    assert shown.stdout.splitlines()[1].split()[-1] == "slots"
+
+    as_json = json.loads(status(tmp_path / "state", "--json").stdout)
+    (chat,) = as_json[0]["backends"]
+    assert (chat["health_cause"], chat["slots_busy"], chat["slots_total"]) == ("saturated", 4, 4)
 
 
 def table_rows(screen: str) -> list[list[str]]:

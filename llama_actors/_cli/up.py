@@ -4,6 +4,10 @@ running ``up`` publishes in the state folder without touching it.
 
 A running ``up`` rewrites ``STATE_DIR/up/PID.json`` (atomically) whenever it redraws,
 and removes it when it exits.
+
+The table shows each backend's busy and total slots (a ``slots`` column, there once a
+server tells them) and, when it is ``degraded`` because it is saturated, why:
+``degraded (saturated: 4 of 4 slots busy, 2 requests deferred)``.
 """
 
 from __future__ import annotations
@@ -34,10 +38,16 @@ __all__ = ["BackendStatus", "UpStatus", "read_status", "render_table", "run_up"]
 
 EXIT_OK, EXIT_FAILED = 0, 1
 COLUMNS = ("backend", "state", "health", "port", "pid", "leases", "restarts", "uptime")
+SLOTS_COLUMN = "slots"  # added at the end once any backend's server tells its slots
 
 
 class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """One backend's row in the table and in the status file."""
+    """One backend's row in the table and in the status file.
+
+    ``health_reason`` and ``health_cause`` say why ``health`` is what it is; while the
+    server is saturated the reason has the latest figures. ``slots_busy`` and
+    ``slots_total`` are None until its server tells them (``/slots``).
+    """
 
     name: str
     instance_id: str | None = None
@@ -52,6 +62,10 @@ class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
     base_url: str | None = None
     log_path: str | None = None
     error: str | None = None
+    health_reason: str | None = None
+    health_cause: str | None = None
+    slots_busy: int | None = None
+    slots_total: int | None = None
 
 
 class UpStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -160,6 +174,10 @@ class _Up:
             base_url = None
             if snap.port is not None:
                 base_url = spec.urls(snap.port).base_url
+            load = snap.load
+            reason = snap.health_reason
+            if snap.health_cause == "saturated" and load is not None and load.saturated:
+                reason = f"saturated: {load.describe()}"  # now, not when it became so
             rows.append(
                 BackendStatus(
                     name=name,
@@ -175,6 +193,10 @@ class _Up:
                     base_url=base_url,
                     log_path=snap.log_path,
                     error=snap.last_error if snap.state == "failed" else None,
+                    health_reason=reason,
+                    health_cause=snap.health_cause,
+                    slots_busy=load.slots_busy if load is not None else None,
+                    slots_total=load.slots_total if load is not None else None,
                 )
             )
             if snap.instance_id not in self.announced:
@@ -231,24 +253,42 @@ class _Up:
 
 
 def render_table(rows: Sequence[BackendStatus]) -> list[str]:
-    """The status table as lines of text, one row per backend."""
-    cells = [COLUMNS] + [
+    """The status table as lines of text, one row per backend; with a ``slots`` column
+    (busy/total) once any backend's server tells its slots."""
+    slots = any(r.slots_total is not None for r in rows)
+    header = (*COLUMNS, SLOTS_COLUMN) if slots else COLUMNS
+    cells = [header] + [
         (
             r.name,
             r.state if r.phase is None else f"{r.state} ({r.phase})",
-            r.health,
+            _health(r),
             _dash(r.port),
             _dash(r.pid),
             str(r.leases),
             str(r.restarts),
             _uptime(r.uptime_s),
+            *((_slots(r),) if slots else ()),
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
+
+
+def _health(row: BackendStatus) -> str:
+    """The health, with why when saturation is what makes it so (saturation is not
+    sickness: the server works, it has more to do than slots to do it in)."""
+    if row.health_cause == "saturated" and row.health != "healthy" and row.health_reason:
+        return f"{row.health} ({row.health_reason})"
+    return row.health
+
+
+def _slots(row: BackendStatus) -> str:
+    if row.slots_total is None:
+        return "-"
+    return f"{_dash(row.slots_busy)}/{row.slots_total}"
 
 
 def _dash(value: object) -> str:
