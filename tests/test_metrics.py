@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llama_actors import LlamaActorsError, Runtime, UsageError, signals
+from llama_actors import InstancePolicy, LlamaActorsError, Runtime, UsageError, signals
 from llama_actors._kernel.load import ServerLoad
 from llama_actors.metrics import MetricsServer, RuntimeMetrics
 from llama_actors.testing.signals import SignalRecorder
@@ -478,7 +478,6 @@ def test_a_saturated_server_shows_every_slot_busy_requests_deferred_and_saturati
     fake: Fake,
     server: MetricsServer,
     recorder: SignalRecorder,
-    fake_serves_load: None,
 ) -> None:
     iid = runtime.resolve_endpoint(fake.spec(), "tests", policy=READ_OFTEN).instance.instance_id
 
@@ -505,7 +504,7 @@ def test_a_saturated_server_shows_every_slot_busy_requests_deferred_and_saturati
 
 
 def test_without_metrics_on_the_server_only_the_slot_figures_are_shown(
-    runtime: Runtime, fake: Fake, server: MetricsServer, fake_serves_load: None
+    runtime: Runtime, fake: Fake, server: MetricsServer
 ) -> None:
     resolution = runtime.resolve_endpoint(fake.spec(metrics=False), "tests", policy=READ_OFTEN)
     iid = resolution.instance.instance_id
@@ -522,3 +521,20 @@ def test_without_metrics_on_the_server_only_the_slot_figures_are_shown(
         "llama_actors_instance_kv_cache_ratio",
     }
     assert got.value("llama_actors_instance_slots_busy", instance_id=iid) == 0
+
+
+def test_inference_probes_have_their_own_histogram_and_stay_out_of_the_health_probes_one(
+    runtime: Runtime, fake: Fake, server: MetricsServer, recorder: SignalRecorder
+) -> None:
+    probing = InstancePolicy(wedged_restart_ms=None, inference_probe_interval_ms=100)
+    iid = runtime.resolve_endpoint(fake.spec(), "tests", policy=probing).instance.instance_id
+    recorder.wait_for("probe_completed", iid, kind="inference", count=3, timeout=WAIT)
+
+    got = scrape(server)
+    inference = len(recorder.find("probe_completed", iid, kind="inference"))
+    health = len(recorder.find("probe_completed", iid, kind="health"))
+    counted = got.value("llama_actors_inference_probe_latency_seconds_count", verdict="healthy")
+    assert inference <= counted <= inference + 1  # a probe may end between the two reads
+    assert got.value("llama_actors_inference_probe_latency_seconds_sum", verdict="healthy") > 0
+    health_counted = got.value("llama_actors_probe_latency_seconds_count", verdict="healthy")
+    assert health <= health_counted <= health + 1

@@ -429,7 +429,7 @@ def test_up_takes_the_slots_and_the_saturation_figures_of_now_from_the_snapshot(
 
 
 def test_status_shows_a_saturated_backend_as_degraded_with_its_slots_all_busy(
-    tmp_path: Path, up_runs: list[Up], fake_serves_load: None
+    tmp_path: Path, up_runs: list[Up]
 ) -> None:
     config = write_config(tmp_path, fake_backend("chat", saturated="2"))
     up = Up(config, tmp_path / "state")
