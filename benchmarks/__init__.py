@@ -5,8 +5,10 @@ BENCHMARKS = (
     "cold_start",
     "publish_lag",
     "failure_detection",
+    "wedge_detection",
     "stop",
     "warm_resolve",
     "scale",
     "direct_vs_proxied",
+    "probe_cost",
 )

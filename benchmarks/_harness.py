@@ -4,7 +4,7 @@ judge targets (met, missed or inconclusive, never asserted) and render the resul
 Arms of one comparison run in the same process and the same rounds, their order rotated
 each round (ABC, BCA, CAB, ...), so drift in machine load touches every arm alike. A
 round is the unit of the statistics: a comparison is the median of the per-round ratios
-measured_i / baseline_i, and every median (and p99) carries an exact distribution-free
+measured_i / baseline_i, and every median (and p90, p99) carries an exact distribution-free
 95 % interval from order statistics (see :func:`quantile_interval`).
 """
 
@@ -108,7 +108,8 @@ def quantile_interval(
     least ``confidence`` for any continuous distribution, with no resampling (the same
     values always give the same interval). An end is ``None`` when even the extreme
     sample is not far enough out: for the median that is n <= 5 rounds at 95 %, for
-    p99 the upper end needs n >= 368."""
+    p90 the upper end needs n >= 36 (and is then the largest sample), for p99
+    n >= 368."""
     if not values:
         return (None, None)
     ordered = sorted(values)
@@ -172,6 +173,7 @@ class Stats:
     median: float
     p25: float
     p75: float
+    p90: float
     p99: float
     min: float
     max: float
@@ -187,6 +189,7 @@ class Stats:
             median=statistics.median(ordered),
             p25=_quantile(ordered, 0.25),
             p75=_quantile(ordered, 0.75),
+            p90=_quantile(ordered, 0.9),
             p99=_quantile(ordered, 0.99),
             min=ordered[0],
             max=ordered[-1],
@@ -194,17 +197,17 @@ class Stats:
         )
 
     def get(self, which: str) -> float:
-        return {"p50": self.median, "median": self.median, "p99": self.p99}[which]
+        return {"p50": self.median, "median": self.median, "p90": self.p90, "p99": self.p99}[which]
 
 
 #: The quantile each target statistic is.
-QUANTILES = {"p50": 0.5, "median": 0.5, "ratio": 0.5, "p99": 0.99}
+QUANTILES = {"p50": 0.5, "median": 0.5, "ratio": 0.5, "p90": 0.9, "p99": 0.99}
 
 
 @dataclass(frozen=True)
 class Target:
-    """A goal for one statistic (``p50``, ``p99`` or ``ratio``, the median paired
-    ratio): ``op`` is ``<=`` or ``>=``."""
+    """A goal for one statistic (``p50``, ``p90``, ``p99`` or ``ratio``, the median
+    paired ratio): ``op`` is ``<=`` or ``>=``."""
 
     on: str
     op: str
@@ -491,8 +494,9 @@ def _value(r: Row) -> str:
     if r.stats is None or r.value is None:
         return r.note or "—"
     unit = f" {r.unit}" if r.unit else ""
-    if r.statistic == "p99" and r.estimate is not None:
-        return f"p99 {_num(r.estimate)}{unit}{_interval(r.interval, _num)} (p50 {_num(r.value)})"
+    if r.statistic in ("p90", "p99") and r.estimate is not None:
+        head = f"{r.statistic} {_num(r.estimate)}{unit}{_interval(r.interval, _num)}"
+        return f"{head} (p50 {_num(r.value)})"
     return f"{_num(r.value)}{unit}{_interval(r.interval, _num)}"
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "raw_start",
     "server_spec",
     "stop_process",
+    "stop_processes",
 ]
 
 HOST = "127.0.0.1"
@@ -162,6 +163,16 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> flo
     with contextlib.suppress(ValueError):
         _started.remove(process)
     return elapsed
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """:func:`stop_process` for many: SIGTERM every process group first, so they exit
+    together, then reap each (SIGKILL after ``timeout``)."""
+    for process in processes:
+        if process.returncode is None:
+            _kill_group(process.pid, signal.SIGTERM)
+    for process in processes:
+        stop_process(process, timeout)
 
 
 def kill_and_time(process: subprocess.Popen[bytes], timeout: float = 30.0) -> float:

@@ -81,6 +81,24 @@ def test_a_p99_needs_hundreds_of_rounds_for_an_upper_end() -> None:
     assert quantile_interval([float(v) for v in range(368)], 0.99)[1] == 367.0
 
 
+def test_a_p90_needs_36_rounds_for_an_upper_end_and_then_it_is_the_largest_sample() -> None:
+    assert quantile_interval([float(v) for v in range(35)], 0.9)[1] is None
+    assert quantile_interval([float(v) for v in range(36)], 0.9)[1] == 35.0
+    assert quantile_interval([float(v) for v in range(40)], 0.9) == (31.0, 39.0)  # x(32), x(40)
+    assert quantile_interval([float(v) for v in range(54)], 0.9)[1] == 52.0  # no longer the max
+
+
+def test_a_p90_target_is_met_only_when_every_round_of_36_or_more_is_within_it() -> None:
+    target = Target("p90", "<=", 100.0)
+    within = [float(v) for v in range(60, 100)]  # 40 rounds, all within
+    judged = row("b", "m", "ms", within, target=target)
+    assert (judged.statistic, judged.verdict, judged.interval) == ("p90", "met", (91.0, 99.0))
+    assert row("b", "m", "ms", [*within[:-1], 101.0], target=target).verdict == "inconclusive"
+    assert row("b", "m", "ms", within[:35], target=target).verdict == "inconclusive"
+    assert row("b", "m", "ms", [200.0 + v for v in within], target=target).verdict == "missed"
+    assert "p90 " in markdown({}, [judged])
+
+
 @pytest.mark.parametrize("n", [6, 7, 10, 15, 20, 40, 101])
 def test_the_interval_contains_the_sample_median(n: int) -> None:
     rng = random.Random(n)
