@@ -131,7 +131,7 @@ def test_the_reader_reads_both_endpoints_under_the_prefix_with_the_published_hea
     assert (load.slots_total, load.slots_busy, load.requests_deferred) == (1, 1, 1)
     assert load.saturated
     assert load.read_at == 5.0
-    assert seen == [("/pre/slots", "Bearer sk-test"), ("/pre/metrics", "Bearer sk-test")]
+    assert seen == [("/pre/metrics", "Bearer sk-test"), ("/pre/slots", "Bearer sk-test")]
 
 
 def test_an_endpoint_the_server_does_not_offer_is_not_asked_for_again() -> None:
@@ -151,7 +151,7 @@ def test_an_endpoint_the_server_does_not_offer_is_not_asked_for_again() -> None:
     assert first is not None
     assert second is not None
     assert second.requests_deferred is None
-    assert asked == ["/pre/slots", "/pre/metrics", "/pre/slots"]
+    assert asked == ["/pre/metrics", "/pre/slots", "/pre/slots"]
 
 
 def test_a_server_offering_neither_is_read_as_nothing() -> None:
@@ -179,6 +179,53 @@ def test_a_reading_that_times_out_keeps_the_last_figures_and_says_why() -> None:
     assert stale.slots_busy == 1  # the figures before it
     assert stale.error == "/slots did not answer within 500 ms"
     assert reader.timed_out
+
+
+def test_an_idle_server_is_read_with_one_request_once_its_slot_count_is_known() -> None:
+    asked: list[str] = []
+    idle_metrics = REAL_METRICS.replace("requests_processing 1", "requests_processing 0")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path.endswith("/slots"):
+            return httpx.Response(200, json=[IDLE_SLOT, IDLE_SLOT])
+        return httpx.Response(200, text=idle_metrics)
+
+    reader = LoadReader(PREFIX, {})
+    client = client_for(handler)
+    reader.read(client, timeout_s=1.0, now=1.0)
+    load = reader.read(client, timeout_s=1.0, now=2.0)
+    assert load is not None
+    assert (load.slots_total, load.slots_busy, load.kv_cache_tokens) == (2, 0, 0)
+    assert asked == ["/pre/metrics", "/pre/slots", "/pre/metrics"]
+    reader.read(client, timeout_s=1.0, now=3.0, slots=True)  # asked for: read anyway
+    assert asked[-1] == "/pre/slots"
+
+
+def test_the_reader_sees_how_far_callers_tasks_advanced_between_two_readings() -> None:
+    steps = iter([(9, 10), (9, 41), (0, 3)])  # (prompt processed, decoded); then a new task
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/metrics"):
+            return httpx.Response(200, text=REAL_METRICS)
+        prompt, decoded = next(steps)
+        task = 2 if decoded > 5 else 3
+        slot = {
+            **BUSY_SLOT,
+            "id_task": task,
+            "n_prompt_tokens_processed": prompt,
+            "next_token": [{"has_next_token": True, "n_decoded": decoded}],
+        }
+        return httpx.Response(200, json=[slot])
+
+    reader = LoadReader(PREFIX, {})
+    client = client_for(handler)
+    reader.read(client, timeout_s=1.0, now=1.0)
+    assert reader.advanced == 0  # nothing to compare with yet
+    reader.read(client, timeout_s=1.0, now=2.0)
+    assert reader.advanced == 31
+    reader.read(client, timeout_s=1.0, now=3.0)
+    assert reader.advanced == 0  # another task: no progress can be told yet
 
 
 # -- the inference probe ---------------------------------------------------------------

@@ -4,10 +4,12 @@ outcomes reported by callers."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from llama_actors import InstancePolicy, RestartPolicy, Runtime, UsageError
@@ -99,6 +101,38 @@ def test_a_failed_inference_probe_lets_the_wedge_policy_restart_a_managed_instan
 
         assert "wedged" in restarting.payload["reason"]
         assert rt.snapshot(iid).pid != pid
+
+
+def test_while_callers_work_advances_no_inference_probe_is_sent(
+    tmp_path: Path, fake: Fake, recorder: SignalRecorder
+) -> None:
+    with Runtime(state_dir=tmp_path / "state", policy=PROBING) as rt:
+        resolution = rt.resolve_endpoint(fake.spec(), "tests")
+        iid, endpoint = resolution.instance.instance_id, resolution.endpoint
+        fake.set(token_seconds=0.02)
+
+        def generate() -> None:
+            with httpx.Client(trust_env=False, timeout=30) as client:
+                client.post(
+                    endpoint.base_url + "/completions",
+                    headers=endpoint.headers,
+                    json={"prompt": "go", "max_tokens": 150, "ignore_eos": True},
+                )
+
+        worker = threading.Thread(target=generate)
+        worker.start()
+        seen = recorder.wait_for(
+            "probe_completed", iid, kind="inference", verdict="healthy", count=3, timeout=WAIT
+        )
+        worker.join(WAIT)
+        fake.set(token_seconds=None)
+
+        during = [
+            r.payload["reason"]
+            for r in recorder.find("probe_completed", iid, kind="inference")
+            if r.payload["at"] <= seen.payload["at"]
+        ]
+        assert any(reason.startswith("callers' requests advanced") for reason in during)
 
 
 def test_without_inference_probes_a_server_that_hangs_completions_looks_healthy(

@@ -18,7 +18,7 @@ import msgspec
 
 from llama_actors._kernel.probe_client import ProbeGetter, ProbeResponse
 
-__all__ = ["LoadReader", "ServerLoad", "parse_metrics", "parse_slots"]
+__all__ = ["LoadReader", "ServerLoad", "parse_metrics", "parse_slots", "slot_progress"]
 
 _NOT_OFFERED = (404, 501)
 
@@ -144,10 +144,34 @@ def parse_metrics(text: str) -> dict[str, Any]:
     return figures
 
 
+def slot_progress(body: Any) -> dict[tuple[int, int], int]:
+    """Tokens each busy slot's task has processed so far (prompt tokens processed plus
+    tokens decoded), keyed by slot and task id: what shows its decode loop at work."""
+    progress: dict[tuple[int, int], int] = {}
+    if not isinstance(body, list):
+        return progress
+    for slot in body:
+        if not isinstance(slot, Mapping) or slot.get("is_processing") is not True:
+            continue
+        key = (_int(slot.get("id")), _int(slot.get("id_task")))
+        decoded = 0
+        nexts = slot.get("next_token")
+        if isinstance(nexts, list) and nexts and isinstance(nexts[0], Mapping):
+            decoded = _int(nexts[0].get("n_decoded"))
+        progress[key] = _int(slot.get("n_prompt_tokens_processed")) + decoded
+    return progress
+
+
 class LoadReader:
     """Reads one server's ``/slots`` and ``/metrics`` (``prefix_url`` is its root URL
     with its API prefix; ``headers`` are the published ones), remembering which of them
-    it offers."""
+    it offers, and how far the tasks in its slots have got.
+
+    ``/metrics`` is read first. When it says no request is processing, the slots are
+    idle and ``/slots`` is not read (only its slot count is needed, and it does not
+    change), unless the caller asks for ``slots=True``: half the requests on an idle
+    server, which is most servers most of the time.
+    """
 
     def __init__(self, prefix_url: str, headers: Mapping[str, str]) -> None:
         self.slots_url = f"{prefix_url}/slots"
@@ -157,22 +181,34 @@ class LoadReader:
         self.metrics_offered = True
         self.last: ServerLoad | None = None
         self.timed_out = False  # the last read got no answer in time
+        #: Tokens the busy slots' tasks processed between the last two reads of /slots.
+        self.advanced = 0
+        self._progress: dict[tuple[int, int], int] = {}
 
     @property
     def offered(self) -> bool:
         """Whether the server offers either endpoint (as far as the reader knows)."""
         return self.slots_offered or self.metrics_offered
 
-    def read(self, client: ProbeGetter, *, timeout_s: float, now: float) -> ServerLoad | None:
-        """Read both endpoints; None once the server offers neither. A timeout or an
-        error keeps the last figures and says why in ``error``."""
+    def read(
+        self, client: ProbeGetter, *, timeout_s: float, now: float, slots: bool = False
+    ) -> ServerLoad | None:
+        """Read the endpoints (``/slots`` always when ``slots``); None once the server
+        offers neither. A timeout or an error keeps the last figures and says why in
+        ``error``."""
         figures: dict[str, Any] = {}
         self.timed_out = False
-        for which, offered in (("slots", self.slots_offered), ("metrics", self.metrics_offered)):
-            if not offered:
+        self.advanced = 0
+        for which in ("metrics", "slots"):
+            if not (self.metrics_offered if which == "metrics" else self.slots_offered):
+                continue
+            if which == "slots" and not slots and self._idle(figures):
+                figures |= {"slots_busy": 0, "kv_cache_tokens": 0, "kv_cache_ratio": 0.0}
+                figures["slots_total"] = self.last.slots_total if self.last else None
+                self._progress = {}
                 continue
             got = self._get(client, which, timeout_s)
-            if isinstance(got, str):  # what went wrong; /metrics waits on the same loop
+            if isinstance(got, str):  # what went wrong; both wait on the decode loop
                 last = self.last or ServerLoad()
                 self.last = msgspec.structs.replace(last, read_at=now, error=got)
                 return self.last
@@ -182,6 +218,11 @@ class LoadReader:
             return None
         self.last = ServerLoad(**figures, read_at=now)
         return self.last
+
+    def _idle(self, figures: dict[str, Any]) -> bool:
+        """/metrics just said nothing is processing, and the slot count is known."""
+        known = self.last is not None and self.last.slots_total is not None
+        return known and figures.get("requests_processing") == 0
 
     def _get(self, client: ProbeGetter, which: str, timeout_s: float) -> dict[str, Any] | str:
         """The figures of ``/slots`` or ``/metrics``, or why there are none."""
@@ -201,9 +242,17 @@ class LoadReader:
             return f"/{which} answered HTTP {response.status_code}"
         if which == "slots":
             try:
-                figures = parse_slots(response.json())
+                body = response.json()
             except ValueError:
                 return "/slots did not answer JSON"
+            figures = parse_slots(body)
+            progress = slot_progress(body)
+            self.advanced = sum(
+                max(0, n - self._progress[key])
+                for key, n in progress.items()
+                if key in self._progress
+            )
+            self._progress = progress
         else:
             figures = parse_metrics(_text(response))
         if not figures:

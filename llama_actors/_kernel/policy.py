@@ -88,8 +88,10 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
       callers' work the probe is not sent, and one that timed out behind them is not
       judged.
     - ``inference_probe_timeout_ms``: how long an inference probe may take.
-    - ``load_interval_ms``: how often ``/slots`` and ``/metrics`` are read (None: never);
-      a server that offers neither is not asked again.
+    - ``load_interval_ms``: how often ``/metrics`` (and, while a request is processing,
+      ``/slots``) are read (None: never); a server that offers neither is not asked again.
+      Each reading costs the runtime about as much CPU as a health probe, hence every
+      two seconds rather than every one.
     - ``report_window_ms``, ``report_degraded_after``, ``report_unavailable_after``:
       that many failures reported by callers (``Runtime.report``) within the window
       make the instance ``degraded``, then ``unavailable``, at once (None: never); a
@@ -108,7 +110,7 @@ class InstancePolicy(msgspec.Struct, frozen=True, kw_only=True):
     log_backups: int = 3
     inference_probe_interval_ms: int | None = None
     inference_probe_timeout_ms: int = 10_000
-    load_interval_ms: int | None = 1_000
+    load_interval_ms: int | None = 2_000
     report_window_ms: int = 30_000
     report_degraded_after: int | None = 2
     report_unavailable_after: int | None = 5

@@ -85,7 +85,8 @@ class HealthPoller(RuntimeActor):
                 self.generation, self.port, self.watching = gen, port, True
                 self.tracker = HealthTracker(self.policy.unavailable_after)
                 self.reader = None
-                if self.policy.load_interval_s is not None:
+                policy = self.policy
+                if policy.load_interval_s is not None or policy.inference_probe_interval_s:
                     self.reader = self.backend.load_reader(self.spec, port)
                 self._schedule("health")
                 self._schedule("load", 0.0)
@@ -131,11 +132,12 @@ class HealthPoller(RuntimeActor):
             elapsed = self.ctx.timers.now() - started
             self._schedule(kind, max(0.0, delay - elapsed))
 
-    def _read_load(self, gen: int, timeout_s: float) -> ServerLoad | None:
+    def _read_load(self, gen: int, timeout_s: float, *, slots: bool = False) -> ServerLoad | None:
         reader = self.reader
         if reader is None:
             return None
-        load = reader.read(self.ctx.client, timeout_s=timeout_s, now=self.ctx.timers.now())
+        now = self.ctx.timers.now()
+        load = reader.read(self.ctx.client, timeout_s=timeout_s, now=now, slots=slots)
         self.ctx.board.set_load(self.instance_id, load)
         if load is None:
             self.reader = None  # it offers neither /slots nor /metrics: stop asking
@@ -150,38 +152,52 @@ class HealthPoller(RuntimeActor):
         judged (every slot is busy with callers' work, so a probe would only measure
         the queue in front of it)."""
         timeout = self.policy.inference_probe_timeout_s
-        stuck = self._slots_busy_or_stuck(gen, timeout)
-        if stuck is not None:
-            return stuck if stuck.verdict == "failure" else None
+        seen = self._slots_verdict(gen, timeout)
+        if seen == "busy":
+            return None
+        if isinstance(seen, Observation):
+            return seen
         client, spec, port = self.ctx.client, self.spec, self.port
         obs = self.backend.probe_inference(client, spec, port, timeout_s=timeout)
         if obs.verdict == "failure" and obs.latency_s >= timeout:
-            # Timed out: behind callers' work that filled every slot meanwhile (not
-            # judged), or in a server that takes no work at all (a failure).
-            after = self._slots_busy_or_stuck(gen, self.policy.probe_timeout_s)
-            if after is not None and after.verdict != "failure":
+            # Timed out: behind callers' work (not judged), or in a server that takes
+            # no work at all (a failure).
+            after = self._slots_verdict(gen, self.policy.probe_timeout_s)
+            if after == "busy" or (isinstance(after, Observation) and after.verdict != "failure"):
                 log.debug("instance %s: inference probe queued behind callers", self.instance_id)
                 return None
         return obs
 
-    def _slots_busy_or_stuck(self, gen: int, timeout_s: float) -> Observation | None:
-        """Read ``/slots``: a failure when the loop that serves it does not answer (the
-        decode loop is stuck), a pass when every slot is busy, None otherwise (or when
-        the server has no ``/slots``)."""
-        if self.reader is None or not self.reader.slots_offered:
+    def _slots_verdict(self, gen: int, timeout_s: float) -> Observation | Literal["busy"] | None:
+        """What ``/slots`` shows of the decode loop: a failure when it does not answer
+        (the loop that serves it is stuck), a pass when callers' tasks advanced since
+        the last reading (real work, seen without adding any), ``busy`` when every slot
+        is taken and nothing advanced, None otherwise (or without ``/slots``)."""
+        reader = self.reader
+        if reader is None or not reader.slots_offered:
             return None
-        load = self._read_load(gen, timeout_s)
-        if self.reader is not None and self.reader.timed_out:
+        load = self._read_load(gen, timeout_s, slots=True)
+        if reader.timed_out:
             error = load.error if load is not None else "no answer"
             reason = f"inference probe: the decode loop did not answer ({error})"
             return Observation("failure", reason, timeout_s, kind="inference")
-        if load is not None and load.error is None and load.all_slots_busy:
-            reason = f"all {load.slots_total} slots are busy with callers' work"
+        if load is None or load.error is not None:
+            return None
+        if reader.advanced > 0:
+            reason = (
+                f"callers' requests advanced {reader.advanced} tokens since the last reading: "
+                "the decode loop works (no probe sent)"
+            )
             return Observation("healthy", reason, kind="inference")
-        return None
+        return "busy" if load.all_slots_busy else None
 
     def _completed(self, obs: Observation) -> None:
-        payload = {"latency_s": obs.latency_s, "verdict": obs.verdict, "kind": obs.kind}
+        payload = {
+            "latency_s": obs.latency_s,
+            "verdict": obs.verdict,
+            "kind": obs.kind,
+            "reason": obs.reason,
+        }
         emit(probe_completed, self.instance_id, **payload)
 
     def _report(self, gen: int, change: Transition | None) -> None:
@@ -201,6 +217,8 @@ class HealthPoller(RuntimeActor):
                 "inference": self.policy.inference_probe_interval_s,
             }[kind]
         if delay is None or (kind == "load" and self.reader is None):
+            return
+        if kind == "load" and self.policy.load_interval_s is None:
             return
         if (handle := self._next.get(kind)) is not None:
             handle.cancel()

@@ -33,8 +33,8 @@ instance id and the reason: INFO for the ordinary path, WARNING for restarts and
 health loss, ERROR when supervision gives up.
 
 ``probe_completed`` is not a transition: it is sent after every health probe and
-every inference probe (with ``latency_s``, ``verdict`` and ``kind``: ``health`` or
-``inference``) for metrics, is not logged and is not in
+every inference probe (with ``latency_s``, ``verdict``, ``kind``: ``health`` or
+``inference``, and ``reason``) for metrics, is not logged and is not in
 :data:`ALL_SIGNALS`.
 """
 
