@@ -10,8 +10,10 @@ no process to supervise), leases the endpoint and streams one generation through
   one-token ``/completions``, every second), everything else at its default;
 - **none**: the default policy (no inference probes).
 
-Both arms keep the default ``/health`` probes and load readings (every second), so the
-difference is the inference probes alone. The arms alternate in rounds, their order
+Both arms keep the default ``/health`` probes and load readings, so the difference is
+the inference probes alone. An inference cycle that finds the callers' tokens advancing
+in ``/slots`` passes without sending a completion (the callers' work stands in for it);
+the table says how many cycles sent one. The arms alternate in rounds, their order
 rotated, after a warm-up round. A run is one streamed chat, the same in every run:
 the same prompt, greedy, 160 tokens (120 with ``--quick``; the fake makes a token every
 20 ms) with ``ignore_eos`` and no prompt cache, so on an idle machine it streams for
@@ -38,6 +40,8 @@ from benchmarks._harness import Context, Row, Target, alternate, log, row
 from llama_actors import InstancePolicy, Runtime, signals
 
 NAME = "probe_cost"
+#: The reason of an inference cycle that saw callers' tokens advance and sent nothing.
+STOOD_IN = "callers' requests advanced"
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
 TOKENS = 160
 PROBE_MS = 1_000
@@ -94,7 +98,10 @@ class Probes:
             return
         now = time.monotonic()
         with self.lock:
-            self.seen.append((now, float(payload["latency_s"]), str(payload["verdict"])))
+            verdict = str(payload["verdict"])
+            if str(payload.get("reason", "")).startswith(STOOD_IN):
+                verdict += ", stood in"
+            self.seen.append((now, float(payload["latency_s"]), verdict))
 
     def between(self, first: float, last: float) -> list[tuple[float, float, str]]:
         with self.lock:
@@ -153,7 +160,9 @@ def run(ctx: Context) -> list[Row]:
         _servers.stop_process(server)
     probing, none = out["probes"], out["none"]
     latencies = [latency * 1000 for _, latency, _ in in_window["probes"]]
-    failed = sum(1 for *_, verdict in in_window["probes"] if verdict != "healthy")
+    failed = sum(1 for *_, verdict in in_window["probes"] if verdict.startswith("failure"))
+    stood_in = sum(1 for *_, verdict in in_window["probes"] if verdict.endswith("stood in"))
+    sent = len(in_window["probes"]) - stood_in
     stray = len(in_window["none"])
     return [
         row(
@@ -170,7 +179,10 @@ def run(ctx: Context) -> list[Row]:
             "inference probes completed during the measured generation, probing arm",
             "probes",
             probing["probes"],
-            note=f"{stray} in the no-probe arm" if stray else "",
+            note=(
+                f"{sent} sent a completion, {stood_in} passed on the callers' progress in "
+                "/slots" + (f"; {stray} in the no-probe arm" if stray else "")
+            ),
         ),
         row(
             NAME,
