@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import select
 import signal
@@ -66,6 +67,48 @@ def server_spec(kind: str, folder: Path, **fields: Any) -> BootSpec:
         mapping.update(fields)
         return boot_spec(mapping)
     return fake_boot_spec(folder, **fields)
+
+
+#: What the streaming benchmarks ask for: one story, the same work every time.
+STORY_PROMPT = "Write a short story about a lighthouse keeper and a storm."
+
+
+def stream_chat(
+    client: httpx.Client,
+    base_url: str,
+    headers: dict[str, str],
+    tokens: int,
+    model: str | None = None,
+) -> list[float]:
+    """One streamed, greedy chat of ``tokens`` tokens (``ignore_eos``, no prompt cache);
+    the ``time.monotonic()`` of every chunk that carries text."""
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": STORY_PROMPT}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "cache_prompt": False,
+        "stream": True,
+    }
+    if model is not None:
+        body["model"] = model
+    times: list[float] = []
+    with client.stream(
+        "POST",
+        base_url + "/chat/completions",
+        json=body,
+        headers={**headers, "Connection": "close"},
+    ) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                times.append(time.monotonic())
+    if len(times) < 2:
+        raise RuntimeError(f"only {len(times)} tokens streamed from {base_url}")
+    return times
 
 
 def free_port() -> int:

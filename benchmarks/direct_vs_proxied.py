@@ -11,9 +11,7 @@ to the last (llama-server sends one token per chunk), as the client sees them.
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 import httpx
 
@@ -22,40 +20,14 @@ from benchmarks._harness import Context, Row, alternate, log, row, skipped
 from llama_actors import Runtime
 
 NAME = "direct_vs_proxied"
-PROMPT = "Write a short story about a lighthouse keeper and a storm."
 TOKENS = 64
 
 
 def stream(
     client: httpx.Client, base_url: str, headers: dict[str, str], model: str | None, tokens: int
 ) -> dict[str, float]:
-    body: dict[str, Any] = {
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "cache_prompt": False,
-        "stream": True,
-    }
-    if model is not None:
-        body["model"] = model
-    times: list[float] = []
     started = time.monotonic()
-    with client.stream(
-        "POST",
-        base_url + "/chat/completions",
-        json=body,
-        headers={**headers, "Connection": "close"},
-    ) as reply:
-        reply.raise_for_status()
-        for line in reply.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                times.append(time.monotonic())
-    if len(times) < 2:
-        raise RuntimeError(f"only {len(times)} tokens streamed from {base_url}")
+    times = _servers.stream_chat(client, base_url, headers, tokens, model)
     return {
         "ttft": (times[0] - started) * 1000,
         "tps": (len(times) - 1) / (times[-1] - times[0]),

@@ -27,7 +27,6 @@ the callers' tokens were generated, and how long they took there.
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
@@ -42,7 +41,6 @@ from llama_actors import InstancePolicy, Runtime, signals
 NAME = "probe_cost"
 #: The reason of an inference cycle that saw callers' tokens advance and sent nothing.
 STOOD_IN = "callers' requests advanced"
-PROMPT = "Write a short story about a lighthouse keeper and a storm."
 TOKENS = 160
 PROBE_MS = 1_000
 QUICK_TOKENS = 120
@@ -51,38 +49,6 @@ ARMS = {
     "probes": InstancePolicy(inference_probe_interval_ms=PROBE_MS),
     "none": InstancePolicy(),
 }
-
-
-def stream(
-    client: httpx.Client, base_url: str, headers: dict[str, str], tokens: int
-) -> list[float]:
-    """One streamed, greedy chat of ``tokens`` tokens; the ``time.monotonic()`` of
-    every chunk that carries text."""
-    body: dict[str, Any] = {
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "cache_prompt": False,
-        "stream": True,
-    }
-    times: list[float] = []
-    with client.stream(
-        "POST",
-        base_url + "/chat/completions",
-        json=body,
-        headers={**headers, "Connection": "close"},
-    ) as reply:
-        reply.raise_for_status()
-        for line in reply.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                times.append(time.monotonic())
-    if len(times) < 2:
-        raise RuntimeError(f"only {len(times)} tokens streamed from {base_url}")
-    return times
 
 
 class Probes:
@@ -138,7 +104,9 @@ def run(ctx: Context) -> list[Row]:
             with Runtime(state_dir=state, policy=ARMS[arm]) as runtime:
                 got = runtime.resolve_endpoint(attach, timeout=60)
                 endpoint = got.endpoint
-                times = stream(client, endpoint.base_url, dict(endpoint.headers), tokens)
+                times = _servers.stream_chat(
+                    client, endpoint.base_url, dict(endpoint.headers), tokens
+                )
                 runtime.release(got.lease.lease_ref)
             seen = probes.between(times[0], times[-1])
             in_window[arm].extend(seen)
