@@ -43,6 +43,7 @@ __all__ = [
     "OutcomeReported",
     "OutcomeWindowCheck",
     "Pause",
+    "Paused",
     "PortKnown",
     "ProbeTick",
     "ProcessExited",
@@ -53,6 +54,7 @@ __all__ = [
     "ReportOutcome",
     "Resolve",
     "Respawn",
+    "SigtermDue",
     "StopInstance",
     "StopRequest",
     "TrackInstance",
@@ -223,7 +225,24 @@ class Watch(Message, frozen=True, tag=True, kw_only=True):
 
 
 class Pause(Message, frozen=True, tag=True, kw_only=True):
+    """Stop probing ``generation``; with ``ack``, tell the owner :class:`Paused` once no
+    probe is in flight (a stop waits for that before SIGTERM)."""
+
     generation: int
+    ack: bool = False
+
+
+class Paused(Message, frozen=True, tag=True, kw_only=True):
+    """The poller has no probe in flight and sends none for ``generation``."""
+
+    generation: int
+
+
+class SigtermDue(Message, frozen=True, tag=True, kw_only=True):
+    """The poller did not say :class:`Paused` in time: send SIGTERM anyway."""
+
+    generation: int
+    token: int
 
 
 class ProbeTick(Message, frozen=True, tag=True, kw_only=True):

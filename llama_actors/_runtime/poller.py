@@ -32,7 +32,14 @@ from llama_actors._kernel.load import LoadReader, ServerLoad
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.context import Context, tell, tell_later
-from llama_actors._runtime.messages import HealthReport, Message, Pause, ProbeTick, Watch
+from llama_actors._runtime.messages import (
+    HealthReport,
+    Message,
+    Pause,
+    Paused,
+    ProbeTick,
+    Watch,
+)
 from llama_actors._runtime.signals import emit, probe_completed
 
 __all__ = ["HealthPoller"]
@@ -91,10 +98,12 @@ class HealthPoller(RuntimeActor):
                 self._schedule("health")
                 self._schedule("load", 0.0)
                 self._schedule("inference")
-            case Pause(generation=gen):
+            case Pause(generation=gen, ack=ack):
                 if gen == self.generation:
                     self.generation = None
                     self._cancel()
+                if ack:  # this actor runs one probe at a time: none is in flight now
+                    tell(self.owner, Paused(generation=gen))
             case ProbeTick(generation=gen, kind=kind):
                 if gen is not None and gen == self.generation and self.watching:
                     self._run(gen, kind)
