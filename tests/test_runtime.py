@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,6 @@ from llama_actors._llama import render as llama_render
 from llama_actors.testing.signals import SignalRecorder
 
 from ._helpers import FAST, WAIT, Fake, wait_gone
-
-
-@pytest.fixture
-def recorder() -> Iterator[SignalRecorder]:
-    with SignalRecorder() as rec:
-        yield rec
 
 
 def chat(resolution: Resolution, text: str = "hello") -> httpx.Response:

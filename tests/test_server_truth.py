@@ -5,7 +5,6 @@ outcomes reported by callers."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,6 @@ PROBING = InstancePolicy(
     inference_probe_timeout_ms=500,
     load_interval_ms=100,
 )
-
-
-@pytest.fixture
-def recorder() -> Iterator[SignalRecorder]:
-    with SignalRecorder() as rec:
-        yield rec
 
 
 def start(rt: Runtime, fake: Fake, **fields: Any) -> str:

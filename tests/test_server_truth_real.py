@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,6 @@ POLICY = InstancePolicy(
     inference_probe_timeout_ms=3_000,
     load_interval_ms=100,
 )
-
-
-@pytest.fixture
-def recorder() -> Iterator[SignalRecorder]:
-    with SignalRecorder() as rec:
-        yield rec
 
 
 @pytest.fixture
