@@ -21,13 +21,16 @@ from llama_actors._exceptions import *  # noqa: F403 - every error is public
 from llama_actors._kernel.backend import Backend, BackendBase, BackendSpec, ExitVerdict
 from llama_actors._kernel.load import ServerLoad
 from llama_actors._kernel.manifest import BackendManifest, CompatibilityResult, ConsumerManifest
+from llama_actors._kernel.memory import Capacity, Gpu, MemoryNeed
 from llama_actors._kernel.policy import InstancePolicy, RestartPolicy
 from llama_actors._kernel.types import (
     EndpointDescriptor,
     Ensured,
     Health,
+    InstanceMemory,
     InstanceState,
     Lease,
+    MemoryStatistics,
     Resolution,
     RuntimeSnapshot,
     RuntimeStatistics,
@@ -49,16 +52,21 @@ __all__ = [
     "BackendManifest",
     "BackendSpec",
     "BootSpec",
+    "Capacity",
     "CompatibilityResult",
     "Config",
     "ConsumerManifest",
     "EndpointDescriptor",
     "Ensured",
     "ExitVerdict",
+    "Gpu",
     "Health",
+    "InstanceMemory",
     "InstancePolicy",
     "InstanceState",
     "Lease",
+    "MemoryNeed",
+    "MemoryStatistics",
     "Replied",
     "Resolution",
     "RestartPolicy",

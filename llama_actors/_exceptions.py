@@ -17,6 +17,7 @@ wrong, with which value (secrets masked), and what to do about it::
     ├── PortInUseError           an explicit port is held by another program
     ├── ServerExitedError        the server exited while something waited on it
     ├── ReadinessTimeoutError    a server stopped showing progress before it was ready
+    ├── InsufficientMemoryError  an instance does not fit the runtime's capacity
     ├── InstanceError            about one instance of a runtime (``instance_id``)
     │   ├── InstanceNotFoundError  no instance with that id in this runtime
     │   ├── NotReadyError          not ready, or draining, so it cannot serve this call
@@ -50,6 +51,7 @@ __all__ = [
     "InstanceError",
     "InstanceFailedError",
     "InstanceNotFoundError",
+    "InsufficientMemoryError",
     "LeaseError",
     "LeaseExpiredError",
     "LeaseNotFoundError",
@@ -202,6 +204,29 @@ class ReadinessTimeoutError(LlamaActorsError):
     def __init__(self, message: str, *, instance_id: str, tail: tuple[str, ...] = ()) -> None:
         self.instance_id = instance_id
         self.tail = tail
+        super().__init__(message)
+
+
+class InsufficientMemoryError(LlamaActorsError):
+    """A new instance does not fit the runtime's capacity, even after evicting every
+    instance nobody holds: ``need`` is its figure (a ``MemoryNeed``), ``free`` what
+    each capped resource has left, ``holders`` the instances holding the rest (id,
+    state, lease count, figure), ``waited_s`` how long it waited for room (0: it
+    failed at once, because it can never fit or because it was asked not to wait)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        need: Any,
+        free: dict[str, float],
+        holders: tuple[Any, ...] = (),
+        waited_s: float = 0.0,
+    ) -> None:
+        self.need = need
+        self.free = free
+        self.holders = holders
+        self.waited_s = waited_s
         super().__init__(message)
 
 

@@ -14,6 +14,7 @@ them to change more often than the top-level API.
 from llama_actors._base.clock import ManualTimers, Scheduler, TimerHandle, Timers
 from llama_actors._base.secret import Secret
 from llama_actors._base.state import default_state_dir
+from llama_actors._kernel.admission import Admission, Holder, Verdict
 from llama_actors._kernel.health import (
     HealthTracker,
     Observation,
@@ -22,6 +23,7 @@ from llama_actors._kernel.health import (
     probe_inference,
 )
 from llama_actors._kernel.load import LoadReader, parse_metrics, parse_slots
+from llama_actors._kernel.memory import BufferLog, detect_gpus, parse_buffer_line
 from llama_actors._kernel.outcomes import OutcomeWindow
 from llama_actors._kernel.policy import RestartDecision, RestartTracker
 from llama_actors._kernel.readiness import ReadyProbe, probe_ready
@@ -44,10 +46,13 @@ from llama_actors._runtime.supervisor import Supervisor
 
 __all__ = [
     "NON_RETRYABLE",
+    "Admission",
+    "BufferLog",
     "EndpointUrls",
     "FailureKind",
     "FlagInfo",
     "HealthTracker",
+    "Holder",
     "LaunchPlan",
     "Ledger",
     "LedgerEntry",
@@ -69,12 +74,15 @@ __all__ = [
     "Supervisor",
     "TimerHandle",
     "Timers",
+    "Verdict",
     "check_model_file",
     "classify_line",
     "clear_probe_cache",
     "default_state_dir",
+    "detect_gpus",
     "llama_manifest",
     "locate_binary",
+    "parse_buffer_line",
     "parse_help",
     "parse_metrics",
     "parse_slots",

@@ -27,7 +27,7 @@ class Recorder:
 
 def test_every_signal_lives_in_the_library_namespace() -> None:
     assert llama_actors.signals.signals is signals
-    assert len(ALL_SIGNALS) == 11
+    assert len(ALL_SIGNALS) == 12
     for key, signal in ALL_SIGNALS.items():
         assert signals[signal.name] is signal
         assert key == signal.name.replace("-", "_")

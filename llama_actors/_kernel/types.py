@@ -9,14 +9,17 @@ import msgspec
 from llama_actors._base.secret import MASK
 from llama_actors._kernel.load import ServerLoad
 from llama_actors._kernel.manifest import CONTRACT_VERSION, CompatibilityResult
+from llama_actors._kernel.memory import MemoryNeed
 
 __all__ = [
     "EndpointDescriptor",
     "EndpointUrls",
     "Ensured",
     "Health",
+    "InstanceMemory",
     "InstanceState",
     "Lease",
+    "MemoryStatistics",
     "Resolution",
     "RuntimeSnapshot",
     "RuntimeStatistics",
@@ -101,6 +104,39 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, Any] = {}
 
 
+class InstanceMemory(msgspec.Struct, frozen=True, kw_only=True):
+    """An instance's memory: ``estimate`` made before it started (None when its
+    backend cannot estimate, e.g. an attached server or a model file that is not
+    GGUF), ``measured`` once it was ready (what the server reported, raised to its
+    resident memory; None before), ``rss_mib`` its process's resident memory then, and
+    ``error_pct`` how far the estimate was from the measured figure (positive: the
+    estimate was larger). ``held`` is what admission counts for it: the measured
+    figure once there is one, else the estimate."""
+
+    estimate: MemoryNeed | None = None
+    measured: MemoryNeed | None = None
+    rss_mib: float | None = None
+    error_pct: float | None = None
+
+    @property
+    def held(self) -> MemoryNeed | None:
+        return self.measured if self.measured is not None else self.estimate
+
+
+class MemoryStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A runtime's memory at one moment, per resource (``ram``, ``gpu0``...), in MiB:
+    its ``capacity`` (capped resources only), what its instances hold (``used``; the
+    shared pages of a model file counted once), what is ``free`` of each capped one,
+    how many requests wait for room (``queued``) and how many instances were evicted
+    to make room since it started (``evictions``)."""
+
+    capacity: dict[str, float] = {}
+    used: dict[str, float] = {}
+    free: dict[str, float] = {}
+    queued: int = 0
+    evictions: int = 0
+
+
 class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     """A frozen picture of one instance, safe to hand to any thread.
 
@@ -112,7 +148,8 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     ``health_reason`` and ``health_cause`` say why ``health`` is what it is (the
     reason and cause of its last change: ``saturated`` is not sickness). ``load`` is
     the last reading of the server's slots and metrics (None when it offers none, or
-    before the first reading). ``metadata`` is the spec's own ``metadata``.
+    before the first reading). ``memory`` holds its estimate and measured memory.
+    ``metadata`` is the spec's own ``metadata``.
     """
 
     instance_id: str
@@ -130,6 +167,7 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     health_reason: str | None = None
     health_cause: str | None = None
     load: ServerLoad | None = None
+    memory: InstanceMemory = InstanceMemory()
     metadata: dict[str, Any] = {}
 
 
@@ -163,3 +201,4 @@ class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     health: dict[str, int]
     leases: int
     restarts: int
+    memory: MemoryStatistics = MemoryStatistics()

@@ -46,9 +46,12 @@ class ActorFace:
         renewable: bool = True,
         metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
+        wait_for_memory: bool = True,
     ) -> str:
         """Start a resolve; the :class:`~llama_actors.Resolution` (or the error) is
-        told to ``reply_to``. Returns the request id the answer carries."""
+        told to ``reply_to``. Returns the request id the answer carries. A resolve
+        waiting for memory waits until there is room (no timeout here: cancel it to
+        stop waiting), unless ``wait_for_memory`` is False."""
         return self._send(
             self._calls.resolve(
                 spec,
@@ -60,6 +63,7 @@ class ActorFace:
                 policy=policy,
                 timeout=0.0,
                 reply=self.reply_to,
+                wait_for_memory=wait_for_memory,
             )
         )
 
@@ -90,11 +94,23 @@ class ActorFace:
         )
 
     def ensure_instance(
-        self, spec: BackendSpec | Mapping[str, Any], *, policy: InstancePolicy | None = None
+        self,
+        spec: BackendSpec | Mapping[str, Any],
+        *,
+        policy: InstancePolicy | None = None,
+        wait_for_memory: bool = True,
     ) -> str:
         """Like :meth:`resolve_endpoint` without a lease; the answer is an
         :class:`~llama_actors.Ensured`."""
-        return self._send(self._calls.ensure(spec, policy=policy, timeout=0.0, reply=self.reply_to))
+        return self._send(
+            self._calls.ensure(
+                spec,
+                policy=policy,
+                timeout=0.0,
+                reply=self.reply_to,
+                wait_for_memory=wait_for_memory,
+            )
+        )
 
     def renew(self, lease_ref: str, ttl_ms: int | None = None) -> str:
         """Renew a lease; the new :class:`~llama_actors.Lease` or the error is told to

@@ -41,6 +41,7 @@ import pykka
 from llama_actors._base.clock import Timers
 from llama_actors._exceptions import LlamaActorsError, SignalOverflowError, UsageError
 from llama_actors._kernel.backend import BackendSpec
+from llama_actors._kernel.memory import Capacity
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import (
     EndpointDescriptor,
@@ -120,7 +121,8 @@ class AsyncRuntime:
     """:class:`~llama_actors.Runtime` for asyncio code: the same calls, awaitable.
 
     ``AsyncRuntime(**kwargs)`` makes a new Runtime with the same keyword arguments
-    (``state_dir``, ``policy``, ``lease_ttl_ms``, ``ask_timeout``, ``timers``, ``rng``) and
+    (``state_dir``, ``policy``, ``lease_ttl_ms``, ``ask_timeout``, ``timers``, ``rng``,
+    ``capacity``) and
     closes it when its ``async with`` ends. :meth:`wrap` puts this face on a Runtime you
     already have; leaving ``async with`` then leaves it open for its owner to close
     (:meth:`close` closes it either way).
@@ -135,6 +137,7 @@ class AsyncRuntime:
         ask_timeout: float = DEFAULT_ASK_TIMEOUT,
         timers: Timers | None = None,
         rng: random.Random | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self._runtime = Runtime(
             state_dir=state_dir,
@@ -143,6 +146,7 @@ class AsyncRuntime:
             ask_timeout=ask_timeout,
             timers=timers,
             rng=rng,
+            capacity=capacity,
         )
         self._calls: Calls = self._runtime._calls
         self._owned = True
@@ -194,6 +198,7 @@ class AsyncRuntime:
         metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+        wait_for_memory: bool = True,
     ) -> Resolution:
         """:meth:`Runtime.resolve_endpoint`, awaitable: spawn or reuse the instance for
         ``spec``, wait until it is ready, and lease its endpoint to ``owner_ref``."""
@@ -211,6 +216,7 @@ class AsyncRuntime:
             policy=policy,
             timeout=timeout,
             reply=future,
+            wait_for_memory=wait_for_memory,
         )
         resolution: Resolution = await self._wait(call, future)
         return resolution
@@ -249,11 +255,17 @@ class AsyncRuntime:
         *,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+        wait_for_memory: bool = True,
     ) -> Ensured:
         """:meth:`Runtime.ensure_instance`, awaitable: a ready instance, without a lease."""
         future: _LoopFuture[Ensured] = _LoopFuture(asyncio.get_running_loop())
         call = await asyncio.to_thread(
-            self._calls.ensure, spec, policy=policy, timeout=timeout, reply=future
+            self._calls.ensure,
+            spec,
+            policy=policy,
+            timeout=timeout,
+            reply=future,
+            wait_for_memory=wait_for_memory,
         )
         ensured: Ensured = await self._wait(call, future)
         return ensured

@@ -12,6 +12,7 @@ its health follows its probes, and stopping it only forgets it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -27,10 +28,11 @@ from llama_actors._exceptions import (
 )
 from llama_actors._kernel.backend import Backend, BackendSpec, host_port
 from llama_actors._kernel.health import HealthCause, worse
+from llama_actors._kernel.memory import BufferLog, MemoryNeed, error_pct, with_resident
 from llama_actors._kernel.outcomes import OutcomeWindow
 from llama_actors._kernel.policy import InstancePolicy, RestartTracker
 from llama_actors._kernel.readiness import StallDeadline
-from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState
+from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceMemory, InstanceState
 from llama_actors._process.plan import LaunchPlan
 from llama_actors._process.process import ProcessExit, ServerProcess
 from llama_actors._runtime.actor import RuntimeActor
@@ -42,6 +44,7 @@ from llama_actors._runtime.messages import (
     InstanceReady,
     InstanceStopped,
     KillDeadline,
+    MemoryMeasured,
     Message,
     OutcomeReported,
     OutcomeWindowCheck,
@@ -85,9 +88,12 @@ class BackendActor(RuntimeActor):
         plan: LaunchPlan | None,
         policy: InstancePolicy,
         context: Context,
+        estimate: MemoryNeed | None = None,
     ) -> None:
         super().__init__(context=context)
         self.instance_id = instance_id
+        self.estimate = estimate
+        self._buffers = BufferLog()
         self.backend = backend
         self.spec = spec
         self.policy = policy
@@ -240,10 +246,14 @@ class BackendActor(RuntimeActor):
         self._pinned = False
         timers = self.ctx.timers
 
+        buffers = self._buffers = BufferLog()
+
         def on_line(line: str) -> None:
             self._last_output = timers.now()  # progress: read by the next readiness tick
             if "listening on" in line:
                 tell(me, PortKnown(generation=gen))
+            elif "buffer size" in line:
+                buffers.feed(line)  # read by this actor once the server is ready
 
         def on_exit(report: ProcessExit) -> None:
             tell(me, ProcessExited(generation=gen, exit=report))
@@ -346,6 +356,7 @@ class BackendActor(RuntimeActor):
             port=bound,
             elapsed_s=round(now - self._spawned_at, 6),
         )
+        self._measure_memory(pid)
         self.outcomes.clear()
         self._probed = ("healthy", "ready" if first else "ready again after a restart", "ready")
         self._publish_health()
@@ -365,6 +376,32 @@ class BackendActor(RuntimeActor):
                 context=self.ctx,
             )
         tell(self._poller, Watch(generation=self.generation, port=port))
+
+    def _measure_memory(self, pid: int | None) -> None:
+        """What the server reported of its buffers, raised to its resident memory,
+        replaces the estimate (board and admission); the estimate's error is logged."""
+        if pid is None:
+            return
+        rss = _rss_mib(pid)
+        key = self.estimate.shared_key if self.estimate is not None else None
+        measured = with_resident(self._buffers.need(shared_key=key), rss, estimate=self.estimate)
+        if measured is None:
+            return
+        error = error_pct(self.estimate, measured)
+        self.ctx.board.set_memory(
+            self.instance_id,
+            InstanceMemory(estimate=self.estimate, measured=measured, rss_mib=rss, error_pct=error),
+        )
+        tell(self.ctx.supervisor, MemoryMeasured(instance_id=self.instance_id, measured=measured))
+        log.info(
+            "instance %s: memory %s (%s; resident %s MiB); estimate %s (error %s)",
+            self.instance_id,
+            measured.describe(),
+            "reported by the server" if measured.source == "reported" else measured.source,
+            f"{rss:.0f}" if rss is not None else "?",
+            self.estimate.describe() if self.estimate is not None else "none",
+            f"{error:+.1f}%" if error is not None else "n/a",
+        )
 
     # -- after ready --------------------------------------------------------------------
 
@@ -572,6 +609,22 @@ class BackendActor(RuntimeActor):
         if phase != self._phase:
             self._phase = phase
             self.ctx.board.set_phase(self.instance_id, phase)
+
+
+def _rss_mib(pid: int) -> float | None:
+    """The resident memory of ``pid`` and its children (a launcher may sit between),
+    in MiB; None once it is gone."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        rss = process.memory_info().rss
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                rss += child.memory_info().rss
+    except psutil.Error:
+        return None
+    return round(rss / (1024 * 1024), 2)
 
 
 def _tail(process: ServerProcess) -> str:

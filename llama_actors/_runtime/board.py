@@ -15,7 +15,14 @@ from typing import Any
 
 from llama_actors._kernel.load import ServerLoad
 from llama_actors._kernel.manifest import BackendManifest
-from llama_actors._kernel.types import EndpointDescriptor, Health, InstanceState, RuntimeSnapshot
+from llama_actors._kernel.types import (
+    EndpointDescriptor,
+    Health,
+    InstanceMemory,
+    InstanceState,
+    MemoryStatistics,
+    RuntimeSnapshot,
+)
 
 __all__ = ["StatusBoard"]
 
@@ -29,10 +36,12 @@ class _Row:
         "instance_id",
         "instance_key",
         "last_error",
+        "last_used",
         "lease_count",
         "load",
         "log_path",
         "manifest",
+        "memory",
         "metadata",
         "phase",
         "pid",
@@ -63,6 +72,8 @@ class _Row:
         self.pid: int | None = None
         self.port: int | None = None
         self.lease_count = 0
+        self.last_used = 0.0
+        self.memory = InstanceMemory()
         self.restart_count = 0
         self.ready_since: float | None = None
         self.log_path = log_path
@@ -77,6 +88,8 @@ class StatusBoard:
         self._lock = threading.Lock()
         self._rows: dict[str, _Row] = {}
         self._ready: dict[str, str] = {}  # instance_key -> the ready instance of it
+        self._memory = MemoryStatistics()
+        self._waiting_for_memory: dict[str, BaseException] = {}
 
     def add(
         self,
@@ -86,10 +99,15 @@ class StatusBoard:
         *,
         manifest: BackendManifest | None = None,
         metadata: Mapping[str, Any] | None = None,
+        memory: InstanceMemory | None = None,
+        created_at: float = 0.0,
     ) -> None:
         """A row for a new instance: what its backend offers (``manifest``, which
-        ``lease_instance`` checks consumers against) and its spec's ``metadata``."""
+        ``lease_instance`` checks consumers against), its spec's ``metadata``, its
+        memory estimate, and when it was made (it counts as last used then)."""
         row = _Row(instance_id, instance_key, log_path, manifest, dict(metadata or {}))
+        row.memory = memory or InstanceMemory()
+        row.last_used = created_at
         with self._lock:
             self._rows[instance_id] = row
 
@@ -165,9 +183,42 @@ class StatusBoard:
         """The instance's server process exited."""
         self._write(instance_id, None, pid=None)
 
-    def set_lease_count(self, instance_id: str, count: int) -> None:
-        """The instance's live lease count (LeaseBroker)."""
-        self._write(instance_id, None, lease_count=count)
+    def set_lease_count(self, instance_id: str, count: int, *, used_at: float) -> None:
+        """The instance's live lease count, changed at ``used_at`` (LeaseBroker)."""
+        self._write(instance_id, None, lease_count=count, last_used=used_at)
+
+    def set_memory(self, instance_id: str, memory: InstanceMemory) -> None:
+        """The instance's memory estimate and measured figure (BackendActor)."""
+        self._write(instance_id, None, memory=memory)
+
+    def set_memory_statistics(self, stats: MemoryStatistics) -> None:
+        """The runtime's memory per resource (Supervisor)."""
+        with self._lock:
+            self._memory = stats
+
+    def memory_statistics(self) -> MemoryStatistics:
+        with self._lock:
+            return self._memory
+
+    def waiting_for_memory(self, request_id: str, error: BaseException | None) -> None:
+        """``request_id`` waits for room, and would fail with ``error`` now; None: it
+        waits no longer (Supervisor)."""
+        with self._lock:
+            if error is None:
+                self._waiting_for_memory.pop(request_id, None)
+            else:
+                self._waiting_for_memory[request_id] = error
+
+    def memory_wait(self, request_id: str) -> BaseException | None:
+        """Why ``request_id`` is still waiting for room, if it is."""
+        with self._lock:
+            return self._waiting_for_memory.get(request_id)
+
+    def usage(self, instance_id: str) -> tuple[int, float, InstanceState] | None:
+        """Lease count, last use and state of ``instance_id`` (admission reads them)."""
+        with self._lock:
+            row = self._rows.get(instance_id)
+            return None if row is None else (row.lease_count, row.last_used, row.state)
 
     def _write(self, instance_id: str, state: InstanceState | None, **fields: object) -> None:
         with self._lock:
@@ -252,5 +303,6 @@ class StatusBoard:
             health_reason=row.health_reason,
             health_cause=row.health_cause,
             load=row.load if row.state == "ready" else None,
+            memory=row.memory,
             metadata=dict(row.metadata),
         )

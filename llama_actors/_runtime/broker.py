@@ -25,11 +25,14 @@ from llama_actors._runtime.messages import (
     DrainDeadline,
     Drained,
     DrainInstance,
+    Evicted,
+    EvictInstance,
     ExpireTick,
     GrantLease,
     IdleCheck,
     IdleExpired,
     InstanceGone,
+    InstanceIdle,
     Message,
     OutcomeReported,
     ReleaseLease,
@@ -112,6 +115,12 @@ class LeaseBroker(RuntimeActor):
             case IdleCheck(instance_id=iid, token=token):
                 if self._idle_token.get(iid) == token and self.table.count(iid) == 0:
                     tell(self.ctx.supervisor, IdleExpired(instance_id=iid))
+            case EvictInstance(instance_id=iid):
+                ok = iid not in self._draining and self.table.count(iid) == 0
+                if ok:
+                    self.table.close_instance(iid, "being evicted")
+                    self._idle_token.pop(iid, None)
+                tell(self.ctx.supervisor, Evicted(instance_id=iid, ok=ok))
             case DrainInstance(instance_id=iid, timeout_s=timeout, reason=reason):
                 self._drain(iid, timeout, reason)
             case DrainDeadline(instance_id=iid, token=token):
@@ -219,7 +228,9 @@ class LeaseBroker(RuntimeActor):
             )
 
     def _count(self, instance_id: str) -> None:
-        self.ctx.board.set_lease_count(instance_id, self.table.count(instance_id))
+        self.ctx.board.set_lease_count(
+            instance_id, self.table.count(instance_id), used_at=self.ctx.timers.now()
+        )
 
     def _after_end(self, instance_id: str) -> None:
         self._count(instance_id)
@@ -228,6 +239,7 @@ class LeaseBroker(RuntimeActor):
         if instance_id in self._draining:
             self._drained(instance_id)
             return
+        tell(self.ctx.supervisor, InstanceIdle(instance_id=instance_id))
         idle = self._idle_s.get(instance_id)
         if idle is not None:
             self._tokens += 1

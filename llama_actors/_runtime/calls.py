@@ -22,12 +22,14 @@ from typing import Any
 import pykka
 
 from llama_actors._exceptions import (
+    InsufficientMemoryError,
     LlamaActorsError,
     RuntimeClosedError,
     UsageError,
     WaitTimeoutError,
 )
-from llama_actors._kernel.backend import BackendSpec
+from llama_actors._kernel.backend import Backend, BackendSpec
+from llama_actors._kernel.memory import MemoryNeed
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import EndpointDescriptor, Lease
 from llama_actors._runtime.board import StatusBoard
@@ -139,10 +141,12 @@ class Calls:
         policy: InstancePolicy | None,
         timeout: float,
         reply: Reply,
+        wait_for_memory: bool = True,
     ) -> Call:
         self._check_open()
         ttl = check_ttl(self.lease_ttl_ms if ttl_ms is None else ttl_ms)
         lease_metadata = check_lease_options(renewable, metadata)
+        _check_wait(wait_for_memory)
         backend, spec, result, plan = prepare(spec, consumer)
         rid = request_id()
         message = Resolve(
@@ -157,6 +161,8 @@ class Calls:
             metadata=lease_metadata,
             policy=policy or self.policy,
             reply=reply,
+            need=self._estimate(backend, spec),
+            wait_for_memory=wait_for_memory,
         )
         return Call(message, reply, timeout, f"an endpoint for {spec.alias}", rid, spec)
 
@@ -202,8 +208,10 @@ class Calls:
         policy: InstancePolicy | None,
         timeout: float,
         reply: Reply,
+        wait_for_memory: bool = True,
     ) -> Call:
         self._check_open()
+        _check_wait(wait_for_memory)
         backend, spec, _, plan = prepare(spec, None)
         rid = request_id()
         message = Ensure(
@@ -213,6 +221,8 @@ class Calls:
             plan=plan,
             policy=policy or self.policy,
             reply=reply,
+            need=self._estimate(backend, spec),
+            wait_for_memory=wait_for_memory,
         )
         return Call(message, reply, timeout, f"instance {spec.alias}", rid, spec)
 
@@ -294,9 +304,29 @@ class Calls:
         if isinstance(call.message, Resolve | Ensure | LeaseInstance):
             tell(self.ctx.supervisor, CancelRequest(request_id=call.request_id))
 
-    def timed_out(self, call: Call) -> WaitTimeoutError:
-        """Abandon ``call`` and say what timed out (raise what this returns)."""
+    def _estimate(self, backend: Backend, spec: BackendSpec) -> MemoryNeed | None:
+        """The memory the spec's instance will need, from its backend (read here, in
+        the caller's thread: the GGUF header is a file read). Skipped when the
+        instance is already ready: admission only asks about new instances."""
+        estimate = getattr(backend, "estimate_memory", None)
+        if estimate is None or self.board.ready_endpoint(spec.instance_key) is not None:
+            return None
+        need: MemoryNeed | None = estimate(spec, self.ctx.gpus)
+        return need
+
+    def timed_out(self, call: Call) -> LlamaActorsError:
+        """Abandon ``call`` and say what timed out (raise what this returns): an
+        :class:`InsufficientMemoryError` when it was waiting for room."""
+        waiting = self.ctx.board.memory_wait(call.request_id)
         self.abandon(call)
+        if isinstance(waiting, InsufficientMemoryError):
+            return InsufficientMemoryError(
+                f"waited {call.timeout:g}s for memory: {waiting}",
+                need=waiting.need,
+                free=waiting.free,
+                holders=waiting.holders,
+                waited_s=call.timeout,
+            )
         return WaitTimeoutError(
             f"no answer for {call.what} within {call.timeout:g}s{self._describe(call)}"
         )
@@ -318,6 +348,11 @@ class Calls:
     def _check_open(self) -> None:
         if self._closed():
             raise RuntimeClosedError("this Runtime is closed; create a new one")
+
+
+def _check_wait(wait_for_memory: object) -> None:
+    if not isinstance(wait_for_memory, bool):
+        raise UsageError(f"wait_for_memory must be True or False (got {wait_for_memory!r})")
 
 
 def lease_ref_of(lease: str | Lease | EndpointDescriptor) -> str:

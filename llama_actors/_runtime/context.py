@@ -14,6 +14,7 @@ import pykka
 
 from llama_actors._base.clock import TimerHandle, Timers
 from llama_actors._kernel.health import ProbeGetter
+from llama_actors._kernel.memory import Capacity, Gpu
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._runtime.board import StatusBoard
 from llama_actors._runtime.messages import Message, Replied
@@ -35,6 +36,9 @@ class Context:
     rng: random.Random
     policy: InstancePolicy
     lease_ttl_ms: int
+    capacity: Capacity | None = None
+    #: The GPUs estimates place layers on: the capacity's, else what NVML found.
+    gpus: tuple[Gpu, ...] = ()
     supervisor: pykka.ActorRef[Any] | None = None
     broker: pykka.ActorRef[Any] | None = None
     threads: list[threading.Thread] = field(default_factory=list)

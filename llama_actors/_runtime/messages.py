@@ -15,6 +15,7 @@ import msgspec
 from llama_actors._kernel.backend import Backend, BackendSpec
 from llama_actors._kernel.health import HealthCause
 from llama_actors._kernel.manifest import CompatibilityResult
+from llama_actors._kernel.memory import MemoryNeed
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import EndpointDescriptor, Health
 from llama_actors._process.plan import LaunchPlan
@@ -28,6 +29,8 @@ __all__ = [
     "DrainInstance",
     "Drained",
     "Ensure",
+    "EvictInstance",
+    "Evicted",
     "ExpireTick",
     "GrantLease",
     "HealthReport",
@@ -35,10 +38,12 @@ __all__ = [
     "IdleExpired",
     "InstanceFailed",
     "InstanceGone",
+    "InstanceIdle",
     "InstanceReady",
     "InstanceStopped",
     "KillDeadline",
     "LeaseInstance",
+    "MemoryMeasured",
     "Message",
     "OutcomeReported",
     "OutcomeWindowCheck",
@@ -90,6 +95,8 @@ class Resolve(Message, frozen=True, tag=True, kw_only=True):
     metadata: dict[str, Any] = {}
     policy: InstancePolicy
     reply: Any
+    need: MemoryNeed | None = None
+    wait_for_memory: bool = True
 
 
 class LeaseInstance(Message, frozen=True, tag=True, kw_only=True):
@@ -112,6 +119,8 @@ class Ensure(Message, frozen=True, tag=True, kw_only=True):
     plan: LaunchPlan | None
     policy: InstancePolicy
     reply: Any
+    need: MemoryNeed | None = None
+    wait_for_memory: bool = True
 
 
 class CancelRequest(Message, frozen=True, tag=True, kw_only=True):
@@ -153,6 +162,27 @@ class Drained(Message, frozen=True, tag=True, kw_only=True):
 
 class IdleExpired(Message, frozen=True, tag=True, kw_only=True):
     instance_id: str
+
+
+class InstanceIdle(Message, frozen=True, tag=True, kw_only=True):
+    """The instance's last lease ended: admission may evict it now."""
+
+    instance_id: str
+
+
+class Evicted(Message, frozen=True, tag=True, kw_only=True):
+    """The broker's answer to :class:`EvictInstance`: ``ok`` when the instance held no
+    lease and takes none from now on; False when a lease was granted meanwhile."""
+
+    instance_id: str
+    ok: bool
+
+
+class MemoryMeasured(Message, frozen=True, tag=True, kw_only=True):
+    """The instance is ready and its memory was measured: it replaces the estimate."""
+
+    instance_id: str
+    measured: MemoryNeed
 
 
 # -- to a BackendActor -------------------------------------------------------------------
@@ -338,6 +368,14 @@ class ExpireTick(Message, frozen=True, tag=True, kw_only=True):
 class IdleCheck(Message, frozen=True, tag=True, kw_only=True):
     instance_id: str
     token: int
+
+
+class EvictInstance(Message, frozen=True, tag=True, kw_only=True):
+    """Admission wants the instance gone: close it to new leases if it holds none, and
+    say so (:class:`Evicted`). The broker decides, being the one lease authority, so
+    a lease granted a moment before is never evicted."""
+
+    instance_id: str
 
 
 class DrainInstance(Message, frozen=True, tag=True, kw_only=True):

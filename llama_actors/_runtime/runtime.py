@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import logging
 import random
 import threading
@@ -29,9 +30,11 @@ from llama_actors._exceptions import (
     InstanceFailedError,
     InstanceNotFoundError,
     NotReadyError,
+    UsageError,
     WaitTimeoutError,
 )
 from llama_actors._kernel.backend import BackendSpec
+from llama_actors._kernel.memory import Capacity, Gpu, detect_gpus
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.probe_client import ProbeClient
 from llama_actors._kernel.types import (
@@ -70,6 +73,10 @@ class Runtime:
     ``policy`` is the default :class:`InstancePolicy` (a resolve may pass its own for a
     new instance); ``lease_ttl_ms`` the default lease TTL; ``timers`` replaces the real
     clock and scheduler (tests); ``state_dir`` holds the server ledger and logs.
+    ``capacity`` caps the memory its instances may hold (:class:`Capacity`; None: no
+    cap, estimates and measured figures are still kept): a new instance that does not
+    fit evicts idle ones, waits for room, or fails with
+    :class:`InsufficientMemoryError` (see guides/memory-and-admission.md).
     """
 
     def __init__(
@@ -81,8 +88,10 @@ class Runtime:
         ask_timeout: float = DEFAULT_ASK_TIMEOUT,
         timers: Timers | None = None,
         rng: random.Random | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         check_ttl(lease_ttl_ms)
+        _check_capacity(capacity)
         self.policy = policy or InstancePolicy()
         self.lease_ttl_ms = lease_ttl_ms
         self.ask_timeout = ask_timeout
@@ -100,6 +109,8 @@ class Runtime:
             rng=rng or random.Random(),  # noqa: S311 - backoff jitter
             policy=self.policy,
             lease_ttl_ms=lease_ttl_ms,
+            capacity=capacity,
+            gpus=_gpus(capacity),
         )
         self._ctx.broker = LeaseBroker.start(context=self._ctx)
         self._ctx.supervisor = Supervisor.start(context=self._ctx)
@@ -142,6 +153,7 @@ class Runtime:
         metadata: Mapping[str, Any] | None = None,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+        wait_for_memory: bool = True,
     ) -> Resolution:
         """Check compatibility, spawn or reuse the instance for ``spec``, wait until it
         is ready, and lease its endpoint to ``owner_ref`` for ``ttl_ms``.
@@ -154,6 +166,13 @@ class Runtime:
         :class:`ServerExitedError` or :class:`ReadinessTimeoutError` when the server
         cannot come up, and :class:`WaitTimeoutError` when ``timeout`` passes (the
         instance keeps starting for others; nothing is leased to this caller).
+
+        Under a ``capacity``, a new instance that does not fit first evicts instances
+        nobody holds a lease on or waits for (least recently used first), then waits
+        for room up to ``timeout``; :class:`InsufficientMemoryError` (naming what it
+        needs, what is free and who holds the rest) when the time passes, at once when
+        the spec is larger than the whole capacity, or at once when it would have to
+        wait and ``wait_for_memory`` is False.
         """
         call = self._calls.resolve(
             spec,
@@ -165,6 +184,7 @@ class Runtime:
             policy=policy,
             timeout=timeout,
             reply=pykka.ThreadingFuture(),
+            wait_for_memory=wait_for_memory,
         )
         resolution: Resolution = self._calls.wait(call)
         return resolution
@@ -207,11 +227,18 @@ class Runtime:
         *,
         policy: InstancePolicy | None = None,
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+        wait_for_memory: bool = True,
     ) -> Ensured:
         """Spawn or reuse the instance for ``spec`` and wait until it is ready, without
-        taking a lease. Returns its snapshot and whether it was already there."""
+        taking a lease. Returns its snapshot and whether it was already there. Memory
+        admission works as for :meth:`resolve_endpoint`; an instance that was only
+        ensured holds no lease, so it may be evicted once it is ready."""
         call = self._calls.ensure(
-            spec, policy=policy, timeout=timeout, reply=pykka.ThreadingFuture()
+            spec,
+            policy=policy,
+            timeout=timeout,
+            reply=pykka.ThreadingFuture(),
+            wait_for_memory=wait_for_memory,
         )
         ensured: Ensured = self._calls.wait(call)
         return ensured
@@ -270,7 +297,8 @@ class Runtime:
         return self._ctx.board.all()
 
     def statistics(self) -> RuntimeStatistics:
-        """Counts of instances by state and health, live leases and restarts, at once."""
+        """Counts of instances by state and health, live leases and restarts, and
+        memory per resource (capacity, used, free, queued requests, evictions), at once."""
         snaps = self._ctx.board.all()
         return RuntimeStatistics(
             instances=len(snaps),
@@ -278,7 +306,13 @@ class Runtime:
             health=dict(Counter(s.health for s in snaps)),
             leases=sum(s.lease_count for s in snaps),
             restarts=sum(s.restart_count for s in snaps),
+            memory=self._ctx.board.memory_statistics(),
         )
+
+    @property
+    def capacity(self) -> Capacity | None:
+        """The memory this runtime's instances may hold (None: not capped)."""
+        return self._ctx.capacity
 
     def published_endpoint(self, instance_id: str) -> EndpointDescriptor:
         """The published (lease-less) endpoint of a ready instance."""
@@ -405,6 +439,28 @@ def healthy_or_raise(snap: RuntimeSnapshot, timeout: float, remaining: float) ->
             f"(state {snap.state}, health {snap.health}); it keeps running"
         )
     return False
+
+
+def _check_capacity(capacity: object) -> None:
+    if capacity is None:
+        return
+    if not isinstance(capacity, Capacity):
+        raise UsageError(
+            f"capacity must be a llama_actors.Capacity, such as Capacity(ram_mib=8000) or "
+            f"Capacity.detect() (got {capacity!r})"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise UsageError(
+            "a Runtime with a capacity estimates each llama.cpp instance's memory from its "
+            "GGUF header, which needs the gguf package: pip install 'llama-actors[memory]'"
+        )
+
+
+def _gpus(capacity: Capacity | None) -> tuple[Gpu, ...]:
+    """The GPUs estimates place layers on: the capacity's, else those NVML finds."""
+    if capacity is not None and capacity.gpus is not None:
+        return capacity.gpus
+    return tuple(detect_gpus())
 
 
 def _now() -> float:

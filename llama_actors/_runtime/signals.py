@@ -21,6 +21,8 @@ instance_restarting  ``attempt``, ``delay_s``, ``reason``
 instance_draining    ``lease_refs``, ``reason`` (sent only when leases are held)
 instance_failed      ``reason``, ``exit`` (ProcessExit or None)
 instance_stopped     ``reason``, ``exit`` (ProcessExit or None)
+instance_evicted     ``reason``, ``held`` (its MemoryNeed), ``for_alias`` (the spec
+                     that needed the room), ``need`` (that spec's MemoryNeed)
 lease_granted        ``lease``
 lease_renewed        ``lease``
 lease_released       ``lease``, ``reason`` (``released``, ``drained``,
@@ -50,6 +52,7 @@ __all__ = [
     "ALL_SIGNALS",
     "health_changed",
     "instance_draining",
+    "instance_evicted",
     "instance_failed",
     "instance_ready",
     "instance_restarting",
@@ -80,6 +83,9 @@ instance_draining = signals.signal(
 )
 instance_failed = signals.signal("instance-failed", doc="supervision gave up on an instance")
 instance_stopped = signals.signal("instance-stopped", doc="an instance stopped for good")
+instance_evicted = signals.signal(
+    "instance-evicted", doc="an idle instance is stopped to make room for another (admission)"
+)
 lease_granted = signals.signal("lease-granted", doc="a lease was granted")
 lease_renewed = signals.signal("lease-renewed", doc="a lease was renewed")
 lease_released = signals.signal("lease-released", doc="a lease ended before its TTL")
@@ -100,6 +106,7 @@ ALL_SIGNALS: dict[str, blinker.NamedSignal] = {
         instance_draining,
         instance_failed,
         instance_stopped,
+        instance_evicted,
         lease_granted,
         lease_renewed,
         lease_released,
@@ -168,6 +175,8 @@ def describe(name: str, iid: str, p: dict[str, Any]) -> str:
             return f"instance {iid}: failed ({p.get('reason')})"
         case "instance-stopped":
             return f"instance {iid}: stopped ({p.get('reason')})"
+        case "instance-evicted":
+            return f"instance {iid}: evicted ({p.get('reason')})"
         case "lease-granted":
             ttl = getattr(lease, "ttl_ms", "?")
             return f"lease {ref} on {iid}: granted to {owner} for {ttl} ms"

@@ -1,6 +1,8 @@
 """Supervisor: owns the registry ``instance_id -> BackendActor`` and the index from
 identity (``instance_key``) to the live instance, queues callers until their instance
-is ready, and routes stops through a drain.
+is ready, routes stops through a drain, and admits new instances against the
+runtime's memory capacity (evicting idle ones, or queueing callers until there is
+room; CONTRACT §11).
 
 Restart decisions live in each BackendActor (one_for_one: an instance's crash touches
 nothing else); the supervisor never waits on anyone.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +21,15 @@ import pykka
 
 from llama_actors._exceptions import (
     InstanceNotFoundError,
+    InsufficientMemoryError,
     NotReadyError,
     RuntimeClosedError,
 )
+from llama_actors._kernel.admission import Admission, Holder, Verdict
 from llama_actors._kernel.backend import BackendSpec
+from llama_actors._kernel.memory import MemoryNeed
 from llama_actors._kernel.policy import InstancePolicy
-from llama_actors._kernel.types import Ensured
+from llama_actors._kernel.types import Ensured, InstanceMemory, MemoryStatistics
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.backend import BackendActor
 from llama_actors._runtime.context import Context, deliver, tell
@@ -35,13 +41,17 @@ from llama_actors._runtime.messages import (
     Drained,
     DrainInstance,
     Ensure,
+    Evicted,
+    EvictInstance,
     GrantLease,
     IdleExpired,
     InstanceFailed,
     InstanceGone,
+    InstanceIdle,
     InstanceReady,
     InstanceStopped,
     LeaseInstance,
+    MemoryMeasured,
     Message,
     OutcomeReported,
     Resolve,
@@ -50,6 +60,7 @@ from llama_actors._runtime.messages import (
     TrackInstance,
 )
 from llama_actors._runtime.requests import instance_not_found, no_new_leases
+from llama_actors._runtime.signals import emit, instance_evicted
 
 __all__ = ["Supervisor"]
 
@@ -80,6 +91,13 @@ class Supervisor(RuntimeActor):
         self.registry: dict[str, _Instance] = {}
         self.by_key: dict[str, str] = {}
         self.closing: Close | None = None
+        self.admission = Admission(context.capacity)
+        #: Requests for a new instance waiting for room, first come first served.
+        self.queue: OrderedDict[str, tuple[Resolve | Ensure, float]] = OrderedDict()
+        #: Instances the broker was asked to close for eviction, and why.
+        self.evicting: dict[str, str] = {}
+        self.evictions = 0
+        self._evicting_for: dict[str, Resolve | Ensure | None] = {}
 
     def on_stop(self) -> None:
         for inst in self.registry.values():
@@ -106,6 +124,15 @@ class Supervisor(RuntimeActor):
                 if inst is not None and not inst.stopping and not inst.done:
                     log.info("instance %s: idle shutdown after its last lease ended", iid)
                     self._begin_stop(iid, "idle: no lease held for idle_shutdown_ms", 0.0, None)
+            case InstanceIdle():
+                if self.queue or self.admission.over():
+                    self._pump()
+            case Evicted(instance_id=iid, ok=ok):
+                self._evicted(iid, ok)
+            case MemoryMeasured(instance_id=iid, measured=measured):
+                if iid in self.admission.held:
+                    self.admission.hold(iid, measured)
+                    self._pump()
             case OutcomeReported(instance_id=iid):
                 if (inst := self.registry.get(iid)) is not None:
                     tell(inst.ref, message)
@@ -123,31 +150,191 @@ class Supervisor(RuntimeActor):
         if self.closing is not None:
             deliver(msg.reply, msg.request_id, error=RuntimeClosedError("the runtime is closing"))
             return
-        key = msg.spec.instance_key
-        iid = self.by_key.get(key)
-        created = iid is None
-        if iid is None:
-            iid = self._create(msg)
+        iid = self.by_key.get(msg.spec.instance_key)
+        if iid is not None:
+            self._join(iid, msg)
+            return
+        # A new instance: admission decides when it starts (in arrival order).
+        self.queue[msg.request_id] = (msg, self.ctx.timers.now())
+        self._pump()
+
+    def _join(self, iid: str, msg: Resolve | Ensure) -> None:
         inst = self.registry[iid]
-        if created:
-            inst.creator = msg.request_id
         endpoint = self.ctx.board.endpoint(iid)
         if endpoint is not None and self.ctx.board.state(iid) == "ready":
             self._serve(iid, msg, endpoint, reused=True)
         else:
             inst.waiting[msg.request_id] = msg
-            if not created:
+            if msg.request_id != inst.creator:
                 log.debug("instance %s: caller %s joins the readiness wait", iid, msg.request_id)
 
-    def _create(self, msg: Resolve | Ensure) -> str:
+    # -- admission --------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Admit waiting requests in order while they fit; evict for the first one that
+        does not, or leave it waiting. Also evicts idle instances while a measured
+        figure has put the runtime past its capacity."""
+        if self.admission.over():
+            for iid in self.admission.relieve(self._holders()):
+                self._evict(iid, "the runtime is past its capacity after measuring", None)
+        while self.queue and self.closing is None:
+            rid, (msg, _since) = next(iter(self.queue.items()))
+            same = self.by_key.get(msg.spec.instance_key)
+            if same is not None:  # started meanwhile for an earlier request: share it
+                self._dequeue(rid)
+                self._join(same, msg)
+                continue
+            need = msg.need or MemoryNeed()
+            verdict = self.admission.check(need, self._holders())
+            if verdict.kind == "fits":
+                self._dequeue(rid)
+                iid = self._create(msg, need)
+                self.registry[iid].creator = rid
+                self.registry[iid].waiting[rid] = msg
+                continue
+            if verdict.kind == "never" or (not msg.wait_for_memory and verdict.kind == "wait"):
+                self._dequeue(rid)
+                deliver(msg.reply, rid, error=self._no_room(msg, verdict))
+                continue
+            for iid in verdict.evict:
+                if iid not in self.evicting:
+                    self._evict(iid, self._eviction_reason(msg, need), msg)
+            self.ctx.board.waiting_for_memory(rid, self._no_room(msg, verdict))
+            break
+        # Behind a request that waits, one that was told not to wait fails now.
+        for rid, (msg, _since) in list(self.queue.items())[1:] if self.closing is None else []:
+            if not msg.wait_for_memory:
+                self._dequeue(rid)
+                ahead = next(iter(self.queue.values()))[0]
+                error = InsufficientMemoryError(
+                    f"no room for {msg.spec.alias} now: a request for {ahead.spec.alias} is "
+                    "already waiting for memory, and requests are admitted in order; retry "
+                    "later, or pass wait_for_memory=True to wait in line",
+                    need=msg.need or MemoryNeed(),
+                    free=self.admission.free(),
+                )
+                deliver(msg.reply, rid, error=error)
+        self._publish_memory()
+
+    def _dequeue(self, request_id: str) -> None:
+        self.queue.pop(request_id, None)
+        self.ctx.board.waiting_for_memory(request_id, None)
+
+    def _holders(self) -> list[Holder]:
+        holders = []
+        for iid, inst in self.registry.items():
+            if inst.done or iid not in self.admission.held:
+                continue
+            leases, last_used, state = self.ctx.board.usage(iid) or (0, 0.0, "stopped")
+            evictable = (
+                not inst.stopping
+                and iid not in self.evicting
+                and not inst.waiting
+                and leases == 0
+                and state in ("ready", "starting")
+            )
+            holders.append(
+                Holder(
+                    instance_id=iid,
+                    need=self.admission.held[iid],
+                    state="stopping" if inst.stopping else state,
+                    leases=leases,
+                    evictable=evictable,
+                    last_used=last_used,
+                )
+            )
+        return holders
+
+    def _evict(self, iid: str, reason: str, msg: Resolve | Ensure | None) -> None:
+        """Ask the broker to close ``iid`` if it still holds no lease (:class:`Evicted`
+        comes back); only then is it stopped."""
+        self.evicting[iid] = reason
+        tell(self.ctx.broker, EvictInstance(instance_id=iid))
+        self._evicting_for[iid] = msg
+
+    def _evicted(self, iid: str, ok: bool) -> None:
+        reason = self.evicting.get(iid)
+        msg = self._evicting_for.pop(iid, None)
+        inst = self.registry.get(iid)
+        if reason is None or inst is None:
+            return
+        if not ok or inst.stopping or inst.done:
+            # A lease was granted meanwhile (or it is going anyway): admission looks again.
+            del self.evicting[iid]
+            self._pump()
+            return
+        self.evictions += 1
+        held = self.admission.held.get(iid, MemoryNeed())
+        log.info("instance %s: %s", iid, reason)
+        emit(
+            instance_evicted,
+            iid,
+            reason=reason,
+            held=held,
+            for_alias=msg.spec.alias if msg is not None else None,
+            need=msg.need if msg is not None else None,
+        )
+        self._begin_stop(iid, reason, 0.0, None)
+        self._publish_memory()
+
+    def _eviction_reason(self, msg: Resolve | Ensure, need: MemoryNeed) -> str:
+        return f"evicted: no lease held; {msg.spec.alias} needs {need.describe()}"
+
+    def _no_room(self, msg: Resolve | Ensure, verdict: Verdict) -> InsufficientMemoryError:
+        cap = self.admission.capacity
+        need = verdict.need
+        alias = msg.spec.alias
+        free = ", ".join(f"{mib:.0f} MiB {_resource(r)}" for r, mib in verdict.free.items())
+        holders = [h for h in verdict.holders if h.need != MemoryNeed()]
+        held = "; ".join(
+            f"{h.instance_id} ({h.state}, {h.leases} lease{'s' if h.leases != 1 else ''}, "
+            f"{h.need.describe()})"
+            for h in holders
+        )
+        if verdict.kind == "never":
+            text = (
+                f"{alias} needs {need.describe()}, more than this runtime's whole capacity "
+                f"({cap.describe()}); make the spec smaller (ctx_size, parallel, cache_type_k/v, "
+                "gpu_layers) or give the runtime a larger Capacity"
+            )
+        else:
+            text = (
+                f"no room for {alias}: it needs {need.describe()} and {free or 'nothing'} is "
+                f"free of {cap.describe()}; held by {held or 'nobody'}. Instances with a lease, "
+                "or that callers wait on, are never evicted: release a lease or stop an "
+                "instance, wait longer (wait_for_memory=True with a longer timeout), or give "
+                "the runtime a larger Capacity"
+            )
+        return InsufficientMemoryError(
+            text,
+            need=need,
+            free=dict(verdict.free),
+            holders=tuple((h.instance_id, h.state, h.leases, h.need) for h in holders),
+        )
+
+    def _publish_memory(self) -> None:
+        self.ctx.board.set_memory_statistics(
+            MemoryStatistics(
+                capacity=self.admission.capacity.limits(),
+                used={r: round(v, 2) for r, v in self.admission.used().items()},
+                free={r: round(v, 2) for r, v in self.admission.free().items()},
+                queued=len(self.queue),
+                evictions=self.evictions,
+            )
+        )
+
+    def _create(self, msg: Resolve | Ensure, need: MemoryNeed) -> str:
         spec, policy = msg.spec, msg.policy
         iid = f"{_slug(spec.alias)}-{secrets.token_hex(3)}"
+        self.admission.hold(iid, need)
         self.ctx.board.add(
             iid,
             spec.instance_key,
             str(self.ctx.log_path(iid)) if msg.plan is not None else None,
             manifest=msg.backend.manifest(spec),
             metadata=spec.metadata,
+            memory=InstanceMemory(estimate=msg.need),
+            created_at=self.ctx.timers.now(),
         )
         ref = BackendActor.start(
             instance_id=iid,
@@ -156,6 +343,7 @@ class Supervisor(RuntimeActor):
             plan=msg.plan,
             policy=policy,
             context=self.ctx,
+            estimate=msg.need,
         )
         self.registry[iid] = _Instance(ref=ref, key=spec.instance_key, spec=spec, policy=policy)
         self.by_key[spec.instance_key] = iid
@@ -197,6 +385,10 @@ class Supervisor(RuntimeActor):
                     deliver(msg.reply, msg.request_id, value=ensured)
 
     def _cancel(self, request_id: str) -> None:
+        if request_id in self.queue:
+            self._dequeue(request_id)
+            self._pump()
+            return
         for inst in self.registry.values():
             if inst.waiting.pop(request_id, None) is not None:
                 return
@@ -247,7 +439,11 @@ class Supervisor(RuntimeActor):
             deliver(reply, rid, value=self.ctx.board.snapshot(iid))
         inst.stop_replies.clear()
         inst.ref.stop(block=False)
+        self.admission.release(iid)
+        self.evicting.pop(iid, None)
+        self._evicting_for.pop(iid, None)
         self._prune()
+        self._pump()
         self._maybe_closed()
 
     def _prune(self) -> None:
@@ -300,6 +496,9 @@ class Supervisor(RuntimeActor):
         else:
             deliver(msg.reply, "close", value=None)
             return
+        for rid, (queued, _since) in list(self.queue.items()):
+            self._dequeue(rid)
+            deliver(queued.reply, rid, error=RuntimeClosedError("the runtime is closing"))
         for iid, inst in list(self.registry.items()):
             if not inst.done:
                 self._begin_stop(iid, "runtime closing", 0.0, None)
@@ -310,6 +509,10 @@ class Supervisor(RuntimeActor):
             return
         if all(inst.done for inst in self.registry.values()):
             deliver(self.closing.reply, "close", value=None)
+
+
+def _resource(name: str) -> str:
+    return "RAM" if name == "ram" else f"on GPU {name.removeprefix('gpu')}"
 
 
 def _slug(text: str) -> str:
