@@ -98,6 +98,7 @@ class Supervisor(RuntimeActor):
         self.evicting: dict[str, str] = {}
         self.evictions = 0
         self._evicting_for: dict[str, Resolve | Ensure | None] = {}
+        self._publish_memory()
 
     def on_stop(self) -> None:
         for inst in self.registry.values():
