@@ -109,9 +109,7 @@ def test_only_instances_on_a_short_resource_are_evicted() -> None:
     assert verdict.evict == ("on0",)  # on1 is older but frees nothing on GPU 0
 
 
-def test_a_measured_figure_that_grew_past_the_capacity_is_relieved_by_idle_instances_only() -> (
-    None
-):
+def test_a_measured_figure_that_grew_past_the_capacity_is_relieved_by_idle_instances_only() -> None:
     admission = ledger(Capacity(ram_mib=1000), a=ram(400), b=ram(300), c=ram(200))
     admission.hold("a", ram(700))  # measured: larger than its estimate
     assert admission.over() == {"ram": pytest.approx(200.0)}

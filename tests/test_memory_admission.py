@@ -275,7 +275,8 @@ def test_a_closing_runtime_fails_the_requests_waiting_for_memory(
     try:
         a = rt.resolve_endpoint(spec(fake, "a"), timeout=WAIT)
         b = rt.resolve_endpoint(spec(fake, "b"), timeout=WAIT)
-        assert a.lease and b.lease
+        assert a.lease
+        assert b.lease
         got: list[BaseException] = []
 
         def resolve_half() -> None:

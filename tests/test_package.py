@@ -25,23 +25,23 @@ PUBLIC = {
     "ActorFace", "AsyncRuntime", "AttachSpec", "Backend", "BackendBase", "BackendManifest",
     "BackendSpec", "BootSpec", "Capacity", "CompatibilityResult", "Config", "ConsumerManifest",
     "EndpointDescriptor", "Ensured", "ExitVerdict", "Gpu", "Health", "InstanceMemory",
-    "InstancePolicy", "InstanceState", "Lease", "MemoryNeed", "MemoryStatistics", "Replied", "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot",
-    "RuntimeStatistics", "ServerLoad", "SignalEvent", "SignalStream", "attach_spec",
-    "backend_manifest", "backends", "boot_spec", "compatibility", "load_config", "lowlevel",
-    "parse_config", "register_backend", "signal_stream", "signals", "unregister_backend",
-    "validate_spec",
+    "InstancePolicy", "InstanceState", "Lease", "MemoryNeed", "MemoryStatistics", "Replied",
+    "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot", "RuntimeStatistics", "ServerLoad",
+    "SignalEvent", "SignalStream", "attach_spec", "backend_manifest", "backends", "boot_spec",
+    "compatibility", "load_config", "lowlevel", "parse_config", "register_backend", "signal_stream",
+    "signals", "unregister_backend", "validate_spec",
 }  # fmt: skip
 #: The plumbing, documented in llama_actors.lowlevel.
 LOWLEVEL = {
-    "NON_RETRYABLE", "Admission", "BufferLog", "EndpointUrls", "FailureKind", "FlagInfo", "HealthTracker", "LaunchPlan",
-    "Holder", "Ledger", "LedgerEntry", "LlamaCppBackend", "LoadReader", "ManualTimers", "Observation",
-    "OutcomeWindow", "PrivateFile",
-    "ProbeGetter", "ProcessExit", "ReadyProbe", "RestartDecision", "RestartTracker",
-    "Scheduler", "Secret", "ServerBinary", "ServerProcess", "Supervisor", "TimerHandle",
-    "Timers", "Verdict", "check_model_file", "classify_line", "clear_probe_cache", "default_state_dir",
-    "detect_gpus", "llama_manifest", "locate_binary", "parse_buffer_line", "parse_help", "parse_version", "probe_binary",
-    "parse_metrics", "parse_slots", "probe_health", "probe_inference", "probe_ready",
-    "render_command",
+    "NON_RETRYABLE", "Admission", "BufferLog", "EndpointUrls", "FailureKind", "FlagInfo",
+    "HealthTracker", "LaunchPlan", "Holder", "Ledger", "LedgerEntry", "LlamaCppBackend",
+    "LoadReader", "ManualTimers", "Observation", "OutcomeWindow", "PrivateFile", "ProbeGetter",
+    "ProcessExit", "ReadyProbe", "RestartDecision", "RestartTracker", "Scheduler", "Secret",
+    "ServerBinary", "ServerProcess", "Supervisor", "TimerHandle", "Timers", "Verdict",
+    "check_model_file", "classify_line", "clear_probe_cache", "default_state_dir", "detect_gpus",
+    "llama_manifest", "locate_binary", "parse_buffer_line", "parse_help", "parse_version",
+    "probe_binary", "parse_metrics", "parse_slots", "probe_health", "probe_inference",
+    "probe_ready", "render_command",
 }  # fmt: skip
 ERRORS = set(_exceptions.__all__)
 
