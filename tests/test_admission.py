@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from llama_actors import Capacity, Gpu, MemoryNeed, UsageError
-from llama_actors.lowlevel import Admission, Holder
+from llama_actors._kernel.memory import error_pct, with_resident
+from llama_actors.lowlevel import Admission, BufferLog, Holder
 
 
 def ram(mib: float, *, shared: float = 0.0, key: str | None = None) -> MemoryNeed:
@@ -134,3 +135,68 @@ def test_detect_sizes_a_capacity_from_what_is_free_and_takes_an_injected_gpu_inv
     assert capacity.ram_mib > 0
     assert capacity.gpus == (Gpu(index=0, mib=23_488, name="L4"),)
     assert Capacity.detect(gpus=[]).gpus == ()
+
+
+# -- what a server reports ------------------------------------------------------------------
+
+#: llama-server's own lines (gemma 3 270M, -c 4096 --parallel 2, --verbosity 4), verbatim.
+REPORTED = """\
+0.01.731.588 I load_tensors:   CPU_Mapped model buffer size =   235.16 MiB
+0.01.731.609 I load_tensors:   CPU_REPACK model buffer size =    12.66 MiB
+0.01.758.037 I llama_context:        CPU  output buffer size =     2.00 MiB
+0.01.758.203 I llama_kv_cache:        CPU KV buffer size =    12.00 MiB
+0.01.768.637 I llama_kv_cache: size =   12.00 MiB (  2048 cells,   3 layers,  2/2 seqs), K (f16):    6.00 MiB, V (f16):    6.00 MiB
+0.01.768.837 I llama_kv_cache:        CPU KV buffer size =    30.00 MiB
+0.01.797.930 I sched_reserve:        CPU compute buffer size =    21.28 MiB
+0.01.877.835 I srv    load_model: prompt cache is enabled, size limit: 8192 MiB
+"""  # noqa: E501
+
+
+def test_the_servers_buffer_lines_become_a_reported_figure_with_the_mapped_weights_shared() -> None:
+    log = BufferLog()
+    fed = [log.feed(line) for line in REPORTED.splitlines()]
+    assert fed.count(True) == 6  # the KV summary and the prompt cache limit are not buffers
+    need = log.need(shared_key="gemma:1")
+    assert need is not None
+    assert need.source == "reported"
+    assert need.shared_mib == pytest.approx(235.16)
+    assert need.ram_mib == pytest.approx(12.66 + 2.0 + 12.0 + 30.0 + 21.28)
+    assert need.parts == pytest.approx(
+        {"weights": 247.82, "output": 2.0, "kv": 42.0, "compute": 21.28}
+    )
+    assert BufferLog().need(shared_key=None) is None
+
+
+def test_gpu_buffers_count_on_their_gpu_and_pinned_host_buffers_in_ram() -> None:
+    log = BufferLog()
+    log.feed("load_tensors:        CUDA0 model buffer size =  4000.00 MiB")
+    log.feed("load_tensors:        CUDA1 model buffer size =  1000.50 MiB")
+    log.feed("load_tensors:   CPU_Mapped model buffer size =   300.00 MiB")
+    log.feed("llama_kv_cache:      CUDA0 KV buffer size =   512.00 MiB")
+    log.feed("llama_context:  CUDA_Host  output buffer size =     1.00 MiB")
+    need = log.need(shared_key="m")
+    assert need is not None
+    assert need.gpu_mib == {0: 4512.0, 1: 1000.5}
+    assert need.shared_mib == 300.0
+    assert need.ram_mib == 1.0
+
+
+def test_resident_memory_raises_reported_private_ram_and_stands_in_when_nothing_is_reported() -> (
+    None
+):
+    reported = MemoryNeed(ram_mib=80, shared_mib=235, shared_key="m", source="reported")
+    assert with_resident(reported, 300.0, estimate=None) == reported  # 300 - 235 < 80
+    grown = with_resident(reported, 400.0, estimate=None)
+    assert grown is not None
+    assert grown.ram_mib == pytest.approx(165.0)
+    estimate = MemoryNeed(ram_mib=60, shared_mib=235, shared_key="m")
+    resident = with_resident(None, 360.0, estimate=estimate)
+    assert resident == MemoryNeed(
+        ram_mib=125.0,
+        shared_mib=235.0,
+        shared_key="m",
+        parts={"resident": 360.0},
+        source="resident",
+    )
+    assert error_pct(estimate, resident) == pytest.approx(-18.1, abs=0.05)
+    assert with_resident(None, None, estimate=estimate) is None
