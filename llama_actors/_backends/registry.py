@@ -43,8 +43,9 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
     if not isinstance(backend, Backend):
         raise UsageError(
             f"{backend!r} is not a backend: it needs name, spec, manifest, launch, "
-            "probe_ready, probe_health, classify_exit and endpoint (see guides/backends.md; "
-            "llama_actors.BackendBase gives all but the first four)"
+            "estimate_memory, probe_ready, probe_health, probe_inference, load_reader, "
+            "classify_exit and endpoint (see guides/backends.md; llama_actors.BackendBase "
+            "gives all but the first four)"
         )
     name = backend.name
     if not isinstance(name, str) or not name.strip():

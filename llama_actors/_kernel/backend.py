@@ -10,7 +10,7 @@ only says how its spec is validated, what it offers, and how it is launched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
@@ -24,6 +24,7 @@ from llama_actors._kernel.health import (
 )
 from llama_actors._kernel.load import LoadReader
 from llama_actors._kernel.manifest import BackendManifest, CompatibilityResult
+from llama_actors._kernel.memory import Gpu, MemoryNeed
 from llama_actors._kernel.readiness import ReadyProbe, probe_ready
 from llama_actors._kernel.types import EndpointDescriptor, EndpointUrls
 from llama_actors._process.plan import LaunchPlan
@@ -86,6 +87,8 @@ class Backend(Protocol):
     - :meth:`launch` checks the spec can start (files, binary, flags) and returns the
       launch plan the process seam spawns, or None when nothing is launched (the
       server runs elsewhere: it is probed, leased and forgotten, never signalled);
+    - :meth:`estimate_memory` says what an instance will hold once ready, before it
+      starts (None: nothing on this host, or not known), for memory admission;
     - :meth:`probe_ready`, :meth:`probe_health` and :meth:`probe_inference` make one
       probe each (the last one does real work: CONTRACT §10);
     - :meth:`load_reader` gives what reads the server's slots and metrics, or None;
@@ -101,6 +104,7 @@ class Backend(Protocol):
     def spec(self, data: Mapping[str, Any] | BackendSpec) -> BackendSpec: ...
     def manifest(self, spec: BackendSpec | None = None) -> BackendManifest: ...
     def launch(self, spec: BackendSpec) -> LaunchPlan | None: ...
+    def estimate_memory(self, spec: BackendSpec, gpus: Sequence[Gpu]) -> MemoryNeed | None: ...
     def probe_ready(
         self, client: ProbeGetter, spec: BackendSpec, port: int | None, *, timeout_s: float
     ) -> ReadyProbe: ...
@@ -142,6 +146,12 @@ class BackendBase:
 
     def manifest(self, spec: BackendSpec | None = None) -> BackendManifest:
         raise NotImplementedError
+
+    def estimate_memory(self, spec: BackendSpec, gpus: Sequence[Gpu]) -> MemoryNeed | None:
+        """None: the server's memory is not known before it starts (admission counts
+        it as nothing until it is measured, once ready). A backend that launches
+        servers overrides this (CONTRACT §11)."""
+        return None
 
     def probe_ready(
         self, client: ProbeGetter, spec: BackendSpec, port: int | None, *, timeout_s: float

@@ -8,13 +8,15 @@ ones every OpenAI-compatible server shares.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llama_actors._exceptions import BootSpecError
 from llama_actors._kernel.backend import BackendBase, BackendSpec
 from llama_actors._kernel.manifest import BackendManifest
+from llama_actors._kernel.memory import Gpu, MemoryNeed
 from llama_actors._llama.boot_spec import BootSpec, boot_spec
+from llama_actors._llama.estimate import estimate_memory
 from llama_actors._llama.render import plan_for
 from llama_actors._process.plan import LaunchPlan, check_model_file
 
@@ -62,6 +64,11 @@ class LlamaCppBackend(BackendBase):
         boot = _boot(spec)
         check_model_file(boot.model)
         return plan_for(boot)
+
+    def estimate_memory(self, spec: BackendSpec, gpus: Sequence[Gpu]) -> MemoryNeed:
+        """From the model's GGUF header and the spec (``llama_actors._llama.estimate``);
+        :class:`~llama_actors.ModelFileError` when the header cannot be read."""
+        return estimate_memory(_boot(spec), gpus)
 
     def endpoint_capabilities(
         self, spec: BackendSpec, manifest: BackendManifest

@@ -33,6 +33,7 @@ from llama_actors._exceptions import BootSpecError, PortNotBoundError
 from llama_actors._kernel.types import EndpointUrls
 
 __all__ = [
+    "CACHE_TYPES",
     "DEFAULTS",
     "IDENTITY_EXCLUDED",
     "MANAGED_FLAGS",
@@ -45,8 +46,23 @@ Port = int | Literal["auto"]
 GpuLayers = int | Literal["auto", "all"]
 FlashAttn = Literal["on", "off", "auto"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 POOLING_VALUES: tuple[str, ...] = ("none", "mean", "cls", "last", "rank")
+CACHE_TYPES: tuple[str, ...] = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    "q4_0",
+    "q4_1",
+    "iq4_nl",
+    "q5_0",
+    "q5_1",
+)
+#: llama-server's log verbosity when a spec leaves ``log_verbosity`` out: 4 is the level
+#: at which it prints its buffer sizes, the figure that replaces the memory estimate.
+DEFAULT_LOG_VERBOSITY = 4
 FLASH_ATTN_VALUES: tuple[str, ...] = ("on", "off", "auto")
 EXECUTION_SURFACES: tuple[str, ...] = ("local_subprocess",)
 
@@ -87,6 +103,10 @@ MANAGED_FLAGS: Mapping[str, tuple[str, ...]] = {
     "pooling": ("--pooling",),
     "slots": ("--slots", "--no-slots"),
     "metrics": ("--metrics",),
+    "cache_type_k": ("-ctk", "--cache-type-k"),
+    "cache_type_v": ("-ctv", "--cache-type-v"),
+    "tensor_split": ("-ts", "--tensor-split"),
+    "log_verbosity": ("-lv", "--verbosity", "--log-verbosity"),
 }
 _FLAG_OWNER: Mapping[str, str] = {
     flag: field for field, flags in MANAGED_FLAGS.items() for flag in flags
@@ -121,6 +141,10 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     pooling: Pooling | None = None
     slots: bool | None = None
     metrics: bool | None = None
+    cache_type_k: CacheType | None = None
+    cache_type_v: CacheType | None = None
+    tensor_split: tuple[float, ...] | None = None
+    log_verbosity: int | None = None
     api_key: Secret | None = None
     api_key_file: str | None = None
     file_keys: tuple[Secret, ...] = ()
@@ -402,6 +426,44 @@ def _optional_bool(value: Any, field: str) -> bool | None:
     raise _fail(field, value, "must be true, false, or left out (on where the build can)")
 
 
+def _cache_type(value: Any, field: str) -> CacheType | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lower() in CACHE_TYPES:
+        return value.lower()  # type: ignore[return-value]
+    raise _fail(
+        field, value, f"must be one of {', '.join(CACHE_TYPES)} (llama-server's default is f16)"
+    )
+
+
+def _tensor_split(value: Any, field: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+        raise _fail(field, value, "must be a list of proportions, one per GPU, e.g. [3, 1]")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int | float) or not 0 <= item < 1e9:
+            raise _fail(f"{field}[{i}]", item, "must be a number >= 0 (a proportion of the model)")
+        out.append(float(item))
+    if not any(out):
+        raise _fail(field, value, "must give at least one GPU a proportion above 0")
+    return tuple(out)
+
+
+def _log_verbosity(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10:
+        raise _fail(
+            field,
+            value,
+            "must be a whole number from 0 to 10, or left out "
+            f"({DEFAULT_LOG_VERBOSITY}: llama-server then logs its buffer sizes)",
+        )
+    return value
+
+
 def _check_key(key: str, field: str, masked: Any) -> str:
     """A key must survive a one-key-per-line file and an HTTP header unchanged."""
     if not key:
@@ -532,6 +594,10 @@ _NORMALISERS: Mapping[str, _Normaliser] = {
     "pooling": _pooling,
     "slots": _optional_bool,
     "metrics": _optional_bool,
+    "cache_type_k": _cache_type,
+    "cache_type_v": _cache_type,
+    "tensor_split": _tensor_split,
+    "log_verbosity": _log_verbosity,
     "api_key": _api_key,
     "api_key_file": _api_key_file,
     **dict.fromkeys(TIMING_FIELDS, _timing),

@@ -14,7 +14,7 @@ import threading
 from llama_actors._base.secret import Secret
 from llama_actors._exceptions import UnsupportedFlagError
 from llama_actors._llama.binary import ServerBinary, forget_probes, locate_binary, probe_binary
-from llama_actors._llama.boot_spec import MANAGED_FLAGS, BootSpec
+from llama_actors._llama.boot_spec import DEFAULT_LOG_VERBOSITY, MANAGED_FLAGS, BootSpec
 from llama_actors._process.plan import PORT_SLOT, LaunchPlan, PortMode, PrivateFile
 
 __all__ = ["clear_probe_cache", "plan_for", "render_command"]
@@ -124,6 +124,13 @@ class _Renderer:
         self.pooling()
         self.slots_endpoint()
         self.metrics_endpoint()
+        if spec.cache_type_k is not None:
+            self.add("cache_type_k", spec.cache_type_k)
+        if spec.cache_type_v is not None:
+            self.add("cache_type_v", spec.cache_type_v)
+        if spec.tensor_split is not None:
+            self.add("tensor_split", ",".join(f"{share:g}" for share in spec.tensor_split))
+        self.log_verbosity()
         self.extra_args()
         return LaunchPlan(
             name=spec.alias,
@@ -226,6 +233,15 @@ class _Renderer:
             self.argv.append("--metrics")
         elif value is True:
             raise self.unsupported("--metrics", "this llama-server has no /metrics endpoint")
+
+    def log_verbosity(self) -> None:
+        """``--verbosity N``; left out, 4 where the build has the flag: the level at which
+        llama-server logs its buffer sizes, which become the instance's measured memory."""
+        value = self.spec.log_verbosity
+        if value is not None:
+            self.add("log_verbosity", str(value))
+        elif any(self.binary.supports(name) for name in MANAGED_FLAGS["log_verbosity"]):
+            self.add("log_verbosity", str(DEFAULT_LOG_VERBOSITY))
 
     def extra_args(self) -> None:
         for arg in self.spec.extra_args:

@@ -15,6 +15,7 @@ runtime only differ in the reply target they pass and in how they wait for it:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,8 @@ _DETAIL_MAX = 500
 
 #: A reply target: a future to set, or an actor to tell a ``Replied``.
 Reply = pykka.Future[Any] | pykka.ActorRef[Any] | None
+
+log = logging.getLogger("llama_actors.runtime")
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,13 +309,19 @@ class Calls:
 
     def _estimate(self, backend: Backend, spec: BackendSpec) -> MemoryNeed | None:
         """The memory the spec's instance will need, from its backend (read here, in
-        the caller's thread: the GGUF header is a file read). Skipped when the
-        instance is already ready: admission only asks about new instances."""
-        estimate = getattr(backend, "estimate_memory", None)
-        if estimate is None or self.board.ready_endpoint(spec.instance_key) is not None:
+        the caller's thread: the GGUF header is a file read, remembered per file).
+        Skipped when the instance is already ready: admission only asks about new
+        instances. Without a capacity an estimate that cannot be made is left out;
+        with one, its error is the caller's (nothing is admitted unmeasured)."""
+        if self.board.ready_endpoint(spec.instance_key) is not None:
             return None
-        need: MemoryNeed | None = estimate(spec, self.ctx.gpus)
-        return need
+        try:
+            return backend.estimate_memory(spec, self.ctx.gpus)
+        except LlamaActorsError as exc:
+            if self.ctx.capacity is not None:
+                raise
+            log.debug("no memory estimate for %s: %s", spec.alias, exc)
+            return None
 
     def timed_out(self, call: Call) -> LlamaActorsError:
         """Abandon ``call`` and say what timed out (raise what this returns): an
@@ -338,10 +347,10 @@ class Calls:
                 isinstance(message, LeaseInstance) and snap.instance_id == message.instance_id
             )
             if ours and snap.state in ("starting", "ready"):
-                log = f" (log: {snap.log_path})" if snap.log_path else ""
+                where = f" (log: {snap.log_path})" if snap.log_path else ""
                 return (
                     f"; instance {snap.instance_id} is {snap.state} and keeps going for other "
-                    f"callers{log}"
+                    f"callers{where}"
                 )
         return ""
 

@@ -116,6 +116,11 @@ Misbehaviour, chosen by environment variables read at start:
     200 ``{"status":"ok"}`` (the real one does not look at slots). A completion, chat or
     embedding sent meanwhile waits like a real deferred request and is answered once
     the saturation is turned off; tasks already in a slot finish normally.
+``FAKE_LLAMA_BUFFERS=DEVICE KIND MIB; ...``
+    the buffers the fake "allocates" while loading (KIND ``model``, ``KV``, ``compute``
+    or ``output``), logged in llama.cpp's lines (``load_tensors:   CPU_Mapped model
+    buffer size =   235.16 MiB``) only with ``--verbosity 4`` or more, as the real server
+    does; e.g. ``CPU_Mapped model 235.16; CPU KV 12; CPU compute 21.28``.
 ``FAKE_LLAMA_CONTROL=PATH``
     a JSON object whose keys override the above while the server runs: ``health``,
     ``hang``, ``crash_after`` (counted from when its value changes),
@@ -211,6 +216,7 @@ USAGE_EXIT_CODE = 1
 PROGRESS_INTERVAL = 0.2
 POLL_INTERVAL = 0.05
 HEALTH_MODES = ("ok", "degraded", "no_slot", "error500", "loading")
+_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 COMPLETION_MODES = ("ok", "hang", "error500")
 PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/"})
 EMBEDDING_SIZE = 8
@@ -294,6 +300,7 @@ class Config:
     api_prefix: str = ""
     metrics: bool = False
     slots: bool = True
+    verbosity: int = 3
     show_help: bool = False
 
 
@@ -386,6 +393,23 @@ def _pooling(config: Config, value: str) -> None:
     if value not in ("none", "mean", "cls", "last", "rank"):
         raise _BadValue("invalid value")
     config.pooling = value
+
+
+def _cache_type(config: Config, value: str) -> None:
+    if value not in _CACHE_TYPES:
+        raise _BadValue(f"Unsupported cache type: {value}")
+
+
+def _tensor_split(config: Config, value: str) -> None:
+    for part in value.split(","):
+        try:
+            float(part)
+        except ValueError:
+            raise _BadValue("invalid value") from None
+
+
+def _verbosity(config: Config, value: str) -> None:
+    config.verbosity = _stoi(value)
 
 
 def _parallel(config: Config, value: str) -> None:
@@ -487,7 +511,36 @@ _COMMON = (
         "LLAMA_ARG_N_GPU_LAYERS",
         _gpu_layers,
     ),
+    _Option(
+        ("-ctk", "--cache-type-k"),
+        "TYPE",
+        "KV cache data type for K (default: f16)",
+        "LLAMA_ARG_CACHE_TYPE_K",
+        _cache_type,
+    ),
+    _Option(
+        ("-ctv", "--cache-type-v"),
+        "TYPE",
+        "KV cache data type for V (default: f16)",
+        "LLAMA_ARG_CACHE_TYPE_V",
+        _cache_type,
+    ),
+    _Option(
+        ("-ts", "--tensor-split"),
+        "N0,N1,N2,...",
+        "fraction of the model to offload to each GPU, comma-separated list of proportions, "
+        "e.g. 3,1",
+        "LLAMA_ARG_TENSOR_SPLIT",
+        _tensor_split,
+    ),
     _Option(("-m", "--model"), "FNAME", "model path to load", "LLAMA_ARG_MODEL", _set("model")),
+    _Option(
+        ("-lv", "--verbosity", "--log-verbosity"),
+        "N",
+        "Set the verbosity threshold. Messages with a higher verbosity will be ignored.",
+        "LLAMA_LOG_VERBOSITY",
+        _verbosity,
+    ),
 )
 _SAMPLING = (
     _Option(
@@ -775,6 +828,7 @@ class Behaviour:
     completions: str = "ok"
     decode_stuck: bool = False
     saturated: int = 0
+    buffers: tuple[tuple[str, str, float], ...] = ()
     control_path: str | None = None
 
     @classmethod
@@ -798,8 +852,42 @@ class Behaviour:
             completions=_env_checked("FAKE_LLAMA_COMPLETIONS", "completions", "ok"),
             decode_stuck=_env_flag("FAKE_LLAMA_DECODE_STUCK"),
             saturated=_env_checked("FAKE_LLAMA_SATURATED", "saturated", 0),
+            buffers=_buffers(os.environ.get("FAKE_LLAMA_BUFFERS", "")),
             control_path=os.environ.get("FAKE_LLAMA_CONTROL") or None,
         )
+
+
+_BUFFER_KINDS = ("model", "KV", "compute", "output")
+
+
+def _buffers(text: str) -> tuple[tuple[str, str, float], ...]:
+    """``FAKE_LLAMA_BUFFERS``: ``DEVICE KIND MIB`` entries separated by ``;``."""
+    found = []
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        device, kind, mib = [*entry.split(), "", "", ""][:3]
+        try:
+            size = float(mib)
+        except ValueError:
+            size = -1.0
+        if not device or kind not in _BUFFER_KINDS or not size >= 0:
+            raise ValueError(
+                f"FAKE_LLAMA_BUFFERS={text!r}: expected 'DEVICE KIND MIB; ...' with KIND one "
+                f"of {', '.join(_BUFFER_KINDS)}, e.g. 'CPU_Mapped model 235.16; CPU KV 12'"
+            )
+        found.append((device, kind, size))
+    return tuple(found)
+
+
+def _log_buffers(behaviour: Behaviour) -> None:
+    """llama.cpp's buffer-size lines, in its functions' words and layout."""
+    layouts = {
+        "model": "load_tensors: {:>12} model buffer size = {:8.2f} MiB",
+        "output": "llama_context: {:>10}  output buffer size = {:8.2f} MiB",
+        "KV": "llama_kv_cache: {:>10} KV buffer size = {:8.2f} MiB",
+        "compute": "sched_reserve: {:>10} compute buffer size = {:8.2f} MiB",
+    }
+    for device, kind, mib in behaviour.buffers:
+        _log("I", layouts[kind].format(device, mib))
 
 
 class _Control:
@@ -1783,7 +1871,7 @@ def serve(config: Config, behaviour: Behaviour) -> int:
     _srv("I", "llama_server", "initializing ...")
     _log(
         "I",
-        "cmn  common_param: common_params_print_info: verbosity = 3 "
+        f"cmn  common_param: common_params_print_info: verbosity = {config.verbosity} "
         "(adjust with the `-lv N` CLI arg)",
     )
     if not config.api_keys:
@@ -1824,6 +1912,8 @@ def serve(config: Config, behaviour: Behaviour) -> int:
             "exiting due to model loading error",
         )
     _load(app)
+    if config.verbosity >= 4:  # llama-server logs its buffer sizes only from level 4 on
+        _log_buffers(behaviour)
     unified = "false" if config.parallel > 0 else "true"
     _srv(
         "I",
