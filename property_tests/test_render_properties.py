@@ -10,12 +10,14 @@ from llama_actors.lowlevel import ServerBinary, render_command
 from llama_actors.testing import help_samples
 from llama_actors.testing import strategies as las
 
-# CONTRACT §2's order; each binary renders a subset of it.
+# CONTRACT §2's order, then the flags added since (endpoints, memory, log level); each
+# binary renders a subset of it.
 ORDER = [
     "--model", "--alias", "--host", "--port", "--ctx-size", "--gpu-layers", "--n-gpu-layers",
     "--threads", "--threads-batch", "--parallel", "--flash-attn", "--embedding",
     "--api-key-file", "--api-prefix", "--timeout", "--threads-http", "--pooling",
-    "--slots", "--no-slots", "--metrics",
+    "--slots", "--no-slots", "--metrics", "--cache-type-k", "--cache-type-v", "--tensor-split",
+    "--verbosity",
 ]  # fmt: skip
 
 BINARIES = st.sampled_from(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ FULL_SPEC: dict[str, Any] = {
     "timeout_seconds": 30,
     "threads_http": 2,
     "pooling": "mean",
+    "cache_type_k": "q8_0",
+    "cache_type_v": "q4_0",
+    "tensor_split": [3, 1],
+    "log_verbosity": 3,
     "environment": {"GGML_VERBOSE": "0"},
     "extra_args": ["--no-webui"],
 }
@@ -70,6 +75,10 @@ def test_a_full_spec_renders_every_flag_in_the_contracts_order() -> None:
         "--pooling", "mean",
         "--slots",
         "--metrics",
+        "--cache-type-k", "q8_0",
+        "--cache-type-v", "q4_0",
+        "--tensor-split", "3,1",
+        "--verbosity", "3",
         "--no-webui",
     ]  # fmt: skip
     assert plan.env == {"GGML_VERBOSE": "0"}
@@ -81,6 +90,7 @@ def test_a_minimal_spec_renders_only_the_flags_that_always_appear() -> None:
     assert plan.display_argv()[1:] == [
         "--model", MODEL, "--alias", "gemma", "--host", "127.0.0.1", "--port", "0",
         "--gpu-layers", "auto", "--flash-attn", "auto", "--slots", "--metrics",
+        "--verbosity", "4",
     ]  # fmt: skip
     assert plan.port_mode == "bind_zero"
     assert plan.private_files == ()
@@ -88,9 +98,9 @@ def test_a_minimal_spec_renders_only_the_flags_that_always_appear() -> None:
 
 def test_slots_and_metrics_are_on_where_the_build_has_them_unless_the_spec_says_no() -> None:
     # The runtime reads /slots and /metrics for saturation and load figures.
-    assert render().argv[-2:] == ("--slots", "--metrics")
+    assert render().argv[-4:-2] == ("--slots", "--metrics")
     assert "--metrics" not in render(metrics=False).argv
-    assert render(slots=False).argv[-2:] == ("--no-slots", "--metrics")
+    assert render(slots=False).argv[-4:-2] == ("--no-slots", "--metrics")
     # A build without the flags: left out by default, refused when the spec asks.
     assert not {"--slots", "--metrics"} & set(render(LEGACY).argv)
     assert "--no-slots" not in render(LEGACY, slots=False).argv
@@ -98,6 +108,37 @@ def test_slots_and_metrics_are_on_where_the_build_has_them_unless_the_spec_says_
         render(LEGACY, metrics=True)
     with pytest.raises(UnsupportedFlagError, match="--slots"):
         render(LEGACY, slots=True)
+
+
+def test_llama_server_logs_its_buffer_sizes_by_default_where_the_build_has_a_verbosity_flag() -> (
+    None
+):
+    # At verbosity 4 llama-server prints the buffer sizes that become the measured memory.
+    assert render().argv[-2:] == ("--verbosity", "4")
+    assert render(log_verbosity=3).argv[-2:] == ("--verbosity", "3")
+    assert "--verbosity" not in render(LEGACY).argv  # an older build: its own default
+    with pytest.raises(UnsupportedFlagError, match="--verbosity"):
+        render(LEGACY, log_verbosity=4)
+
+
+def test_cache_types_and_tensor_split_render_as_the_build_spells_them_and_are_checked() -> None:
+    plan = render(cache_type_k="Q8_0", tensor_split=[1, 0.5])
+    assert plan.argv[-6:-2] == ("--cache-type-k", "q8_0", "--tensor-split", "1,0.5")
+    with pytest.raises(UnsupportedFlagError, match="--cache-type-v"):
+        render(LEGACY, cache_type_v="q8_0")
+    for field, value, reason in [
+        ("cache_type_k", "q3_k", "must be one of f32, f16"),
+        ("tensor_split", "3,1", "must be a list of proportions"),
+        ("tensor_split", [0, 0], "at least one GPU"),
+        ("tensor_split[1]", [1, -1], "must be a number >= 0"),
+        ("log_verbosity", 11, "from 0 to 10"),
+        ("log_verbosity", True, "from 0 to 10"),
+    ]:
+        key = field.split("[")[0]
+        with pytest.raises(LlamaActorsError, match=rf"{re.escape(field)}.*{reason}"):
+            boot_spec({"model": MODEL, key: value})
+    with pytest.raises(LlamaActorsError, match="repeats --cache-type-k"):
+        boot_spec({"model": MODEL, "extra_args": ["--cache-type-k", "q8_0"]})
 
 
 def test_slots_and_metrics_take_only_true_false_or_nothing() -> None:

@@ -42,6 +42,28 @@ CURRENT_HELP = """\
                                         (env: LLAMA_ARG_N_GPU_LAYERS)
 -ot,   --override-tensor <tensor name pattern>=<buffer type>,...
                                         override tensor buffer type
+-ctk,  --cache-type-k TYPE              KV cache data type for K
+                                        allowed values: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1
+                                        (default: f16)
+                                        (env: LLAMA_ARG_CACHE_TYPE_K)
+-ctv,  --cache-type-v TYPE              KV cache data type for V
+                                        allowed values: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1
+                                        (default: f16)
+                                        (env: LLAMA_ARG_CACHE_TYPE_V)
+-ts,   --tensor-split N0,N1,N2,...      fraction of the model to offload to each GPU, comma-separated list of
+                                        proportions, e.g. 3,1
+                                        (env: LLAMA_ARG_TENSOR_SPLIT)
+-lv,   --verbosity, --log-verbosity N   Set the verbosity threshold. Messages with a higher verbosity will be
+                                        ignored. Values:
+                                         - 0: generic output
+                                         - 1: error
+                                         - 2: warning
+                                         - 3: info
+                                         - 4: trace (more info)
+                                         - 5: debug
+                                        (default: 3)
+
+                                        (env: LLAMA_ARG_LOG_VERBOSITY)
 -m,    --model FNAME                    model path to load
                                         (env: LLAMA_ARG_MODEL)
 -hft,  --hf-token TOKEN                 Hugging Face access token (default: value from HF_TOKEN environment

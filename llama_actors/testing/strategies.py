@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from llama_actors._kernel.manifest import BackendManifest, ConsumerManifest
 from llama_actors._llama.backend import llama_manifest
 from llama_actors._llama.boot_spec import (
+    CACHE_TYPES,
     FIELDS,
     FLASH_ATTN_VALUES,
     INT_MAX,
@@ -89,6 +90,13 @@ IDENTITY_FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "pooling": st.one_of(st.none(), st.sampled_from(POOLING_VALUES)),
     "slots": st.one_of(st.none(), st.booleans()),
     "metrics": st.one_of(st.none(), st.booleans()),
+    "cache_type_k": st.one_of(st.none(), st.sampled_from(CACHE_TYPES)),
+    "cache_type_v": st.one_of(st.none(), st.sampled_from(CACHE_TYPES)),
+    "tensor_split": st.one_of(
+        st.none(),
+        st.lists(st.integers(min_value=1, max_value=8), min_size=1, max_size=4),
+    ),
+    "log_verbosity": st.one_of(st.none(), st.integers(min_value=0, max_value=10)),
     "api_key": st.one_of(st.none(), _KEY),
     "environment": st.dictionaries(_ENV_NAMES, _ENV_VALUES, max_size=3),
     "extra_args": st.lists(
