@@ -8,10 +8,12 @@
         print("scrape", server.url)
 
 Per-instance gauges, the server's load among them (slots, requests, throughput, KV
-cache, saturation), are read from ``runtime.instances()`` when Prometheus scrapes, so an
-instance the runtime forgets disappears from them by itself. Histograms and counters are
-fed by the runtime's signals: their receivers run on actor threads and only observe a
-value or add one. See ``guides/metrics.md`` for every metric, its labels and meaning.
+cache, saturation) and its memory (estimate, measured figure, resident memory), are read
+from ``runtime.instances()`` when Prometheus scrapes, so an instance the runtime forgets
+disappears from them by itself; the runtime's memory (capacity, use, free, the queue for
+room) from ``runtime.statistics()``. Histograms and counters are fed by the runtime's
+signals: their receivers run on actor threads and only observe a value or add one. See
+``guides/metrics.md`` for every metric, its labels and meaning.
 
 Needs ``prometheus-client``: ``pip install 'llama-actors[metrics]'``.
 """
@@ -32,9 +34,11 @@ from llama_actors._exceptions import (
     UsageError,
 )
 from llama_actors._kernel.load import ServerLoad
-from llama_actors._kernel.types import Health, InstanceState, RuntimeSnapshot
+from llama_actors._kernel.memory import MemoryNeed
+from llama_actors._kernel.types import Health, InstanceState, MemoryStatistics, RuntimeSnapshot
 from llama_actors._runtime.signals import (
     health_changed,
+    instance_evicted,
     instance_ready,
     lease_expired,
     lease_granted,
@@ -131,6 +135,9 @@ LOAD_GAUGES: tuple[tuple[str, str, str], ...] = (
         "The fullest busy slot's use of its context, 0 to 1 (from /slots).",
     ),
 )
+#: Instances in these states hold no memory: their memory series are left out.
+GONE_STATES = ("stopped", "failed")
+_MIB = 1024.0 * 1024.0
 _NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -212,6 +219,9 @@ class RuntimeMetrics:
             "Changes of an instance's published health, by the new health and its cause.",
             ["health", "cause"],
         )
+        self.instances_evicted = counter(
+            "instances_evicted", "Idle instances stopped to make room for another (admission)."
+        )
         # Every label value that can occur is shown from the start, at zero.
         for boot in ("first", "restart"):
             self.time_to_ready.labels(boot)
@@ -232,6 +242,7 @@ class RuntimeMetrics:
             (lease_expired, self._counting(self.leases_expired)),
             (lease_released, self._on_released),
             (health_changed, self._on_health_changed),
+            (instance_evicted, self._counting(self.instances_evicted)),
         ]
         self._collector = _Collector(self)
         try:
@@ -348,6 +359,8 @@ class RuntimeMetrics:
 
 _Gauge = GaugeMetricFamily
 _InstanceFamilies = tuple[_Gauge, _Gauge, _Gauge, CounterMetricFamily, _Gauge, _Gauge, _Gauge]
+_MemoryFamilies = tuple[_Gauge, _Gauge, _Gauge, _Gauge]
+_RuntimeMemoryFamilies = tuple[_Gauge, _Gauge, _Gauge, _Gauge]
 
 
 class _Collector:
@@ -362,6 +375,8 @@ class _Collector:
         load_gauges, saturated = self._load_families()
         yield from (gauge for _, gauge in load_gauges)
         yield saturated
+        yield from self._memory_families()
+        yield from self._runtime_memory_families()
         yield from self._signal_families()
 
     def collect(self) -> Iterable[Metric]:
@@ -369,6 +384,7 @@ class _Collector:
         ready_s, probe_s = self.owner._latest({s.instance_id for s in snaps})
         state, health, leases, restarts, uptime, last_ready, last_probe = self._instance_families()
         load_gauges, saturated = self._load_families()
+        estimate, measured, resident, error = memory = self._memory_families()
         for snap in snaps:
             ids = [snap.instance_id, snap.instance_key]
             for value in STATES:
@@ -389,9 +405,18 @@ class _Collector:
                         gauge.add_metric(ids, value)
                 if (known := _saturation(snap.load)) is not None:
                     saturated.add_metric(ids, known)
+            if snap.state not in GONE_STATES:
+                _add_need(estimate, ids, snap.memory.estimate)
+                _add_need(measured, ids, snap.memory.measured)
+                if snap.memory.rss_mib is not None:
+                    resident.add_metric(ids, snap.memory.rss_mib * _MIB)
+                if snap.memory.error_pct is not None:
+                    error.add_metric(ids, snap.memory.error_pct / 100.0)
         yield from (state, health, leases, restarts, uptime, last_ready, last_probe)
         yield from (gauge for _, gauge in load_gauges)
         yield saturated
+        yield from memory
+        yield from self._runtime_memory(self.owner.runtime.statistics().memory)
         yield from self._signal_families()
 
     def _instance_families(self) -> _InstanceFamilies:
@@ -434,6 +459,71 @@ class _Collector:
         )
         return gauges, saturated
 
+    def _memory_families(self) -> _MemoryFamilies:
+        """An instance's memory: its estimate and measured figure by ``resource``
+        (``ram`` private, ``shared`` the model file's pages, ``gpuN``), its resident
+        memory and the estimate's error."""
+        ns = self.owner.namespace
+        labels = list(INSTANCE_LABELS)
+        return (
+            GaugeMetricFamily(
+                f"{ns}_instance_memory_estimate_bytes",
+                "Memory the instance was estimated to need before it started, by resource "
+                "(ram: private, shared: the model file's pages, gpuN).",
+                labels=[*labels, "resource"],
+            ),
+            GaugeMetricFamily(
+                f"{ns}_instance_memory_measured_bytes",
+                "Memory the instance holds as measured once it was ready (its server's buffer "
+                "lines, raised to its resident memory), by resource.",
+                labels=[*labels, "resource"],
+            ),
+            GaugeMetricFamily(
+                f"{ns}_instance_resident_memory_bytes",
+                "Resident memory of the instance's server process when it was measured.",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                f"{ns}_instance_memory_estimate_error_ratio",
+                "How far the estimate was from the measured figure, as a fraction of the "
+                "measured one (positive: the estimate was larger).",
+                labels=labels,
+            ),
+        )
+
+    def _runtime_memory_families(self) -> _RuntimeMemoryFamilies:
+        ns = self.owner.namespace
+        return (
+            GaugeMetricFamily(
+                f"{ns}_memory_capacity_bytes",
+                "Memory the runtime's instances may hold, per capped resource (ram, gpuN).",
+                labels=["resource"],
+            ),
+            GaugeMetricFamily(
+                f"{ns}_memory_used_bytes",
+                "Memory the runtime's instances hold, per resource (a model file's shared "
+                "pages counted once).",
+                labels=["resource"],
+            ),
+            GaugeMetricFamily(
+                f"{ns}_memory_free_bytes",
+                "Memory left of each capped resource (negative when past the capacity).",
+                labels=["resource"],
+            ),
+            GaugeMetricFamily(
+                f"{ns}_memory_requests_queued",
+                "Requests waiting for memory to start their instance.",
+            ),
+        )
+
+    def _runtime_memory(self, stats: MemoryStatistics) -> _RuntimeMemoryFamilies:
+        capacity, used, free, queued = families = self._runtime_memory_families()
+        for family, figures in ((capacity, stats.capacity), (used, stats.used), (free, stats.free)):
+            for resource, mib in figures.items():
+                family.add_metric([resource], mib * _MIB)
+        queued.add_metric([], stats.queued)
+        return families
+
     def _signal_families(self) -> Iterable[Metric]:
         owner = self.owner
         for metric in (
@@ -445,8 +535,19 @@ class _Collector:
             owner.leases_expired,
             owner.leases_released,
             owner.health_changes,
+            owner.instances_evicted,
         ):
             yield from metric.collect()
+
+
+def _add_need(family: GaugeMetricFamily, ids: list[str], need: MemoryNeed | None) -> None:
+    """A figure's samples by resource: private RAM, shared pages, each GPU."""
+    if need is None:
+        return
+    family.add_metric([*ids, "ram"], need.ram_mib * _MIB)
+    family.add_metric([*ids, "shared"], need.shared_mib * _MIB)
+    for index, mib in sorted(need.gpu_mib.items()):
+        family.add_metric([*ids, f"gpu{index}"], mib * _MIB)
 
 
 def _saturation(load: ServerLoad) -> float | None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 
-from llama_actors import BootSpecError, load_config, parse_config
+from llama_actors import BootSpecError, Capacity, Gpu, load_config, parse_config
+from llama_actors._cli.config import validate_config_file
 
 
 def write(tmp_path: Path, text: str, name: str = "backends.toml") -> Path:
@@ -207,3 +210,88 @@ def test_false_turns_an_optional_policy_feature_off_since_toml_has_no_null(
     policy = load_config(path).policy("chat")
     assert policy is not None
     assert policy.wedged_restart_ms is None
+
+
+# -- the runtime's memory: the [capacity] table ---------------------------------------------
+
+BACKEND = '[backends.chat]\nmodel = "/m.gguf"\n'
+
+
+def test_a_capacity_table_caps_the_runtimes_ram_and_gpus(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        BACKEND
+        + """
+        [capacity]
+        ram_mib = 8000
+        gpus = [{index = 0, mib = 22000, name = "RTX 4090"}, {index = 1, mib = 0}]
+        """,
+    )
+    assert load_config(path).capacity == Capacity(
+        ram_mib=8000, gpus=(Gpu(index=0, mib=22000, name="RTX 4090"), Gpu(index=1, mib=0))
+    )
+    assert load_config(write(tmp_path, BACKEND, name="plain.toml")).capacity is None
+
+
+def test_detect_sizes_the_capacity_from_what_is_free_less_the_headroom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        psutil, "virtual_memory", lambda: SimpleNamespace(available=8192 * 1024 * 1024)
+    )
+    path = write(
+        tmp_path,
+        BACKEND + "[capacity]\ndetect = true\nheadroom_mib = 512\n"
+        # A GPU NVML does not see is listed with what it has free.
+        "gpus = [{index = 0, mib = 4096}]\n",
+    )
+    assert load_config(path).capacity == Capacity(ram_mib=7680, gpus=(Gpu(index=0, mib=3584),))
+    default = write(tmp_path, BACKEND + "[capacity]\ndetect = true\ngpus = []\n", name="d.toml")
+    assert load_config(default).capacity == Capacity(ram_mib=8192 - 1024, gpus=())
+
+
+@pytest.mark.parametrize(
+    ("table", "field", "says"),
+    [
+        ("ram = 8000", "capacity.ram", "unknown capacity key; known: ram_mib, gpus"),
+        ("ram_mib = '8000'", "capacity.ram_mib", "must be a number of MiB, above 0"),
+        ("ram_mib = 0", "capacity.ram_mib", "must be a number of MiB, above 0"),
+        ("ram_mib = inf", "capacity.ram_mib", "must be a number of MiB"),
+        ("", "capacity", "needs ram_mib = N (MiB of RAM), gpus = [{index = 0, mib = N}]"),
+        ("detect = 'yes'", "capacity.detect", "must be true"),
+        ("detect = true\nram_mib = 8000", "capacity.ram_mib", "cannot be given with detect"),
+        ("detect = true\nheadroom_mib = -1", "capacity.headroom_mib", "0 or more"),
+        ("ram_mib = 8000\nheadroom_mib = 512", "capacity.headroom_mib", "only with detect"),
+        ("gpus = 22000", "capacity.gpus", "must be an array of tables such as"),
+        ("gpus = [{index = 0}]", "capacity.gpus[0]", "needs mib"),
+        ("gpus = [{index = -1, mib = 1}]", "capacity.gpus[0].index", "the device number"),
+        (
+            "gpus = [{index = 0, mib = 1}, {index = 0, mib = 2}]",
+            "capacity.gpus[1].index",
+            "repeats",
+        ),
+        ("gpus = [{index = 0, mib = -5}]", "capacity.gpus[0].mib", "0 or more"),
+        ("gpus = [{index = 0, mib = 5, vram = 2}]", "capacity.gpus[0].vram", "unknown GPU key"),
+        ("gpus = [{index = 0, mib = 5, name = 3}]", "capacity.gpus[0].name", "must be a string"),
+    ],
+)
+def test_a_bad_capacity_table_is_an_error_naming_file_and_key(
+    tmp_path: Path, table: str, field: str, says: str
+) -> None:
+    path = write(tmp_path, BACKEND + "[capacity]\n" + table + "\n")
+    with pytest.raises(BootSpecError) as caught:
+        load_config(path)
+    assert caught.value.field == field
+    assert caught.value.source == str(path)
+    assert says in str(caught.value)
+    assert str(caught.value).startswith(f"{path}: {field}: ")
+
+
+def test_a_capacity_that_is_not_a_table_and_the_backends_are_all_reported_by_check(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, 'capacity = 8000\n[backends.chat]\nmodel = "/m.gguf"\nport = -1\n')
+    specs, errors = validate_config_file(path)
+    assert specs == {}
+    assert [e.field for e in errors] == ["capacity", "backends.chat.port"]
+    assert "must be a table: [capacity] with ram_mib = N" in str(errors[0])

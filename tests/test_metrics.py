@@ -19,8 +19,20 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llama_actors import InstancePolicy, LlamaActorsError, Runtime, UsageError, signals
+from llama_actors import (
+    BootSpec,
+    Capacity,
+    InstancePolicy,
+    LlamaActorsError,
+    MemoryNeed,
+    MemoryStatistics,
+    Runtime,
+    UsageError,
+    signals,
+)
 from llama_actors._kernel.load import ServerLoad
+from llama_actors._llama.backend import LlamaCppBackend
+from llama_actors._runtime import backend as backend_actor
 from llama_actors.metrics import MetricsServer, RuntimeMetrics
 from llama_actors.testing.signals import SignalRecorder
 
@@ -538,3 +550,145 @@ def test_inference_probes_have_their_own_histogram_and_stay_out_of_the_health_pr
     assert got.value("llama_actors_inference_probe_latency_seconds_sum", verdict="healthy") > 0
     health_counted = got.value("llama_actors_probe_latency_seconds_count", verdict="healthy")
     assert health <= health_counted <= health + 1
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+#: The estimate each spec gets, by alias (instead of reading a GGUF header).
+ESTIMATES = {
+    "chat": MemoryNeed(ram_mib=40.0, shared_mib=230.0, shared_key="gemma.gguf", gpu_mib={0: 90.0}),
+    "a": MemoryNeed(ram_mib=300.0),
+    "b": MemoryNeed(ram_mib=300.0),
+}
+#: What the fake "allocates" while loading, in llama.cpp's buffer lines.
+BUFFERS = "CPU_Mapped model 235.16; CPU KV 12; CPU compute 21.28; CUDA0 model 100"
+
+
+@pytest.fixture
+def declared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Estimates by alias, and no resident memory read: what the fake reports (nothing,
+    unless it is given buffers) is the measured figure."""
+
+    def estimate(self: LlamaCppBackend, spec: BootSpec, gpus: object) -> MemoryNeed | None:
+        return ESTIMATES.get(spec.alias)
+
+    monkeypatch.setattr(LlamaCppBackend, "estimate_memory", estimate)
+    monkeypatch.setattr(backend_actor, "_rss_mib", lambda pid: None)
+
+
+def by_resource(got: Scrape, name: str, iid: str) -> dict[str, float]:
+    return {s.labels["resource"]: s.value for s in got.find(name, instance_id=iid)}
+
+
+@pytest.mark.usefixtures("declared")
+def test_an_instance_exports_its_estimate_its_measured_memory_and_the_estimates_error(
+    runtime: Runtime, fake: Fake, server: MetricsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backend_actor, "_rss_mib", lambda pid: 50.0)  # below the reported
+    resolution = runtime.resolve_endpoint(fake.spec(alias="chat", behaviour={"buffers": BUFFERS}))
+    iid, key = resolution.instance.instance_id, resolution.instance.instance_key
+    memory = runtime.snapshot(iid).memory
+    measured = memory.measured
+    assert measured is not None
+    assert (measured.ram_mib, measured.shared_mib, measured.gpu_mib) == (33.28, 235.16, {0: 100})
+    assert (memory.rss_mib, memory.error_pct) == (50.0, -2.3)  # (360 - 368.44) / 368.44
+
+    got = scrape(server)
+
+    assert by_resource(got, "llama_actors_instance_memory_estimate_bytes", iid) == {
+        "ram": 40 * MIB,
+        "shared": 230 * MIB,
+        "gpu0": 90 * MIB,
+    }
+    assert by_resource(got, "llama_actors_instance_memory_measured_bytes", iid) == {
+        "ram": 33.28 * MIB,
+        "shared": 235.16 * MIB,
+        "gpu0": 100 * MIB,
+    }
+    assert got.value(
+        "llama_actors_instance_resident_memory_bytes", instance_id=iid, instance_key=key
+    ) == (50 * MIB)
+    error = got.value("llama_actors_instance_memory_estimate_error_ratio", instance_id=iid)
+    assert error == pytest.approx(memory.error_pct / 100)
+    # Without a capacity nothing is capped, but what the instances hold is still shown.
+    assert got.find("llama_actors_memory_capacity_bytes") == []
+    assert got.find("llama_actors_memory_free_bytes") == []
+    assert got.value("llama_actors_memory_used_bytes", resource="ram") == (268.44 * MIB)
+    assert got.value("llama_actors_memory_used_bytes", resource="gpu0") == 100 * MIB
+
+    runtime.release(resolution.lease.lease_ref)
+    runtime.stop_instance(iid)
+
+    gone = scrape(server)  # a stopped instance holds nothing: its memory series go
+    assert {s.name for s in gone.samples if s.labels.get("instance_id") == iid} & {
+        "llama_actors_instance_memory_estimate_bytes",
+        "llama_actors_instance_memory_measured_bytes",
+        "llama_actors_instance_resident_memory_bytes",
+        "llama_actors_instance_memory_estimate_error_ratio",
+    } == set()
+    assert gone.value("llama_actors_memory_used_bytes", resource="ram") == 0
+
+
+def test_an_instance_without_an_estimate_or_measured_figure_has_no_memory_series(
+    runtime: Runtime, fake: Fake, server: MetricsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backend_actor, "_rss_mib", lambda pid: None)  # nothing measured either
+    iid = runtime.resolve_endpoint(fake.spec()).instance.instance_id  # not GGUF: no estimate
+
+    got = scrape(server)
+
+    assert got.value("llama_actors_instance_state", instance_id=iid, state="ready") == 1
+    assert [s for s in got.samples if "memory" in s.name and "instance_id" in s.labels] == []
+
+
+def test_the_runtime_exports_its_capacity_use_free_memory_and_queue_as_statistics_say(
+    runtime: Runtime, server: MetricsServer
+) -> None:
+    stats = MemoryStatistics(
+        capacity={"ram": 1000.0, "gpu0": 8000.0},
+        used={"ram": 1100.5, "gpu0": 1200.0},
+        free={"ram": -100.5, "gpu0": 6800.0},  # a measured figure grew past the capacity
+        queued=2,
+    )
+    runtime._ctx.board.set_memory_statistics(stats)
+    assert runtime.statistics().memory == stats
+
+    got = scrape(server)
+
+    for name, figures in (
+        ("llama_actors_memory_capacity_bytes", stats.capacity),
+        ("llama_actors_memory_used_bytes", stats.used),
+        ("llama_actors_memory_free_bytes", stats.free),
+    ):
+        assert {s.labels["resource"]: s.value for s in got.find(name)} == {
+            resource: mib * MIB for resource, mib in figures.items()
+        }
+    assert got.value("llama_actors_memory_requests_queued") == 2
+
+
+@pytest.mark.usefixtures("declared")
+def test_an_eviction_is_counted_and_capacity_use_and_free_follow_admission(
+    tmp_path: Path, fake: Fake
+) -> None:
+    with (
+        Runtime(state_dir=tmp_path / "state", policy=FAST, capacity=Capacity(ram_mib=500)) as rt,
+        RuntimeMetrics(rt) as metrics,
+        SignalRecorder() as recorder,  # after the metrics' receivers: they count first
+    ):
+        assert Scrape(metrics.text()).value("llama_actors_instances_evicted_total") == 0
+        first = rt.resolve_endpoint(Fake(tmp_path / "a").spec(alias="a"))
+        rt.release(first.lease.lease_ref)  # idle: it may be evicted
+        second = rt.resolve_endpoint(Fake(tmp_path / "b").spec(alias="b"))
+        evicted = recorder.wait_for("instance_evicted", timeout=WAIT)
+        assert evicted.instance_id == first.instance.instance_id
+
+        got = Scrape(metrics.text())
+        stats = rt.statistics().memory
+        assert stats.evictions == 1
+        assert got.value("llama_actors_instances_evicted_total") == stats.evictions
+        assert got.value("llama_actors_memory_capacity_bytes", resource="ram") == 500 * MIB
+        assert got.value("llama_actors_memory_used_bytes", resource="ram") == 300 * MIB
+        assert got.value("llama_actors_memory_free_bytes", resource="ram") == 200 * MIB
+        assert got.value("llama_actors_memory_requests_queued") == stats.queued == 0
+        rt.release(second.lease.lease_ref)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -21,24 +22,34 @@ import msgspec
 import psutil
 import pytest
 
-from llama_actors import Runtime
+from llama_actors import (
+    BootSpec,
+    Capacity,
+    InstanceMemory,
+    MemoryNeed,
+    MemoryStatistics,
+    Runtime,
+)
 from llama_actors._cli.config import Config
-from llama_actors._cli.up import BackendStatus, _Up, render_table
+from llama_actors._cli.up import BackendStatus, _Up, render_memory, render_table
 from llama_actors._kernel.load import ServerLoad
+from llama_actors._llama.backend import LlamaCppBackend
+from llama_actors._runtime import backend as backend_actor
 from llama_actors.testing.fake import FAKE_SERVER, start_fake
+from llama_actors.testing.signals import SignalRecorder
 
-from ._helpers import FAST, Fake
+from ._helpers import FAST, WAIT, Fake
 
 CLI = str(Path(sys.executable).parent / "llama-actors")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 READY_HEALTHY = ("ready", "healthy")
 
 
-def fake_backend(name: str, **environment: str) -> str:
+def fake_backend(name: str, model: str = "fake-model.gguf", **environment: str) -> str:
     """A [backends.NAME] table that runs the fake server, with FAKE_LLAMA_* behaviour."""
     lines = [
         f"[backends.{name}]",
-        'model = "fake-model.gguf"',
+        f"model = {json.dumps(model)}",
         f'alias = "{name}"',
         f"binary_path = {json.dumps(sys.executable)}",
         f"launcher_args = [{json.dumps(FAKE_SERVER)}]",
@@ -449,6 +460,258 @@ def test_status_shows_a_saturated_backend_as_degraded_with_its_slots_all_busy(
     as_json = json.loads(status(tmp_path / "state", "--json").stdout)
     (chat,) = as_json[0]["backends"]
     assert (chat["health_cause"], chat["slots_busy"], chat["slots_total"]) == ("saturated", 4, 4)
+
+
+# -- memory: the column, the runtime's line, and a capacity from the file -----------------
+
+#: What the fake "allocates" while loading, in llama.cpp's buffer lines: 235.16 MiB of the
+#: model file's pages (shared) and 33.28 MiB of its own, 268 MiB in all. Its resident
+#: memory (a small Python process) stays below that, so it does not raise the figure.
+BUFFERS = "CPU_Mapped model 235.16; CPU KV 12; CPU compute 21.28"
+
+
+def cell(lines: list[str], row: int, column: str) -> str:
+    """The text of ``column`` in table line ``row``: from where its header starts to where
+    the next one does (a cell may hold spaces)."""
+    header = lines[0]
+    start = header.index(column)
+    later = [m.start() for m in re.finditer(r"\S+", header) if m.start() > start]
+    return lines[row][start : later[0] if later else None].strip()
+
+
+def test_the_memory_column_shows_what_admission_holds_with_the_estimate_and_its_error() -> None:
+    estimate = MemoryNeed(ram_mib=85.0, shared_mib=235.0)
+    measured = MemoryNeed(ram_mib=78.0, shared_mib=235.16, source="reported")
+    rows = [
+        BackendStatus(
+            name="chat",
+            state="ready",
+            memory=InstanceMemory(estimate=estimate, measured=measured, error_pct=2.2),
+        ),
+        BackendStatus(name="embed", state="starting", memory=InstanceMemory(estimate=estimate)),
+        BackendStatus(
+            name="gpu",
+            state="ready",
+            memory=InstanceMemory(
+                estimate=MemoryNeed(ram_mib=100.0, gpu_mib={0: 1180.0}),
+                measured=MemoryNeed(ram_mib=90.0, gpu_mib={0: 1200.0}, source="reported"),
+                error_pct=-0.8,
+            ),
+        ),
+        BackendStatus(name="attached", state="ready", memory=InstanceMemory()),
+        BackendStatus(name="other", state="ready", memory=InstanceMemory(measured=measured)),
+        BackendStatus(name="pending"),
+    ]
+    lines = render_table(rows)
+    assert lines[0].split()[-1] == "memory"
+    assert [cell(lines, i, "memory") for i in range(1, 7)] == [
+        "313 MiB (est 320, +2.2%)",
+        "320 MiB (est)",
+        "90 MiB + gpu0 1200 MiB (est 100 + gpu0 1180, -0.8%)",
+        "-",
+        "313 MiB",
+        "-",
+    ]
+    # Without a figure for any backend there is no memory column at all.
+    assert "memory" not in render_table(rows[3:4])[0]
+
+
+def test_the_memory_line_shows_use_against_each_capped_resource_the_queue_and_evictions() -> None:
+    stats = MemoryStatistics(
+        capacity={"ram": 4000.0, "gpu0": 8000.0},
+        used={"ram": 626.4, "gpu0": 1200.0},
+        free={"ram": 3373.6, "gpu0": 6800.0},
+        queued=1,
+        evictions=2,
+    )
+    assert render_memory(stats) == [
+        "memory: ram 626/4000 MiB, gpu0 1200/8000 MiB; 1 queued; 2 evictions"
+    ]
+    one = MemoryStatistics(capacity={"ram": 500.0}, used={"ram": 0.0, "gpu1": 90.0}, evictions=1)
+    assert render_memory(one) == ["memory: ram 0/500 MiB, gpu1 90 MiB; 0 queued; 1 eviction"]
+    # Without a capacity nothing is capped: no line (the column still shows each figure).
+    assert render_memory(MemoryStatistics(used={"ram": 626.0})) == []
+    assert render_memory(None) == []
+
+
+def test_up_under_a_capacity_leases_every_backend_so_a_second_that_does_not_fit_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = {"first": 300.0, "second": 300.0}
+
+    def estimate(self: LlamaCppBackend, spec: BootSpec, gpus: object) -> MemoryNeed | None:
+        return MemoryNeed(ram_mib=sizes[spec.alias])
+
+    monkeypatch.setattr(LlamaCppBackend, "estimate_memory", estimate)
+    monkeypatch.setattr(backend_actor, "_rss_mib", lambda pid: None)
+    specs = {name: Fake(tmp_path / name).spec(alias=name) for name in sizes}
+    out = io.StringIO()
+    with Runtime(
+        state_dir=tmp_path / "state", policy=FAST, capacity=Capacity(ram_mib=500)
+    ) as runtime:
+        up = _Up(
+            Config(source="up.toml", backends=specs, capacity=runtime.capacity),
+            list(specs),
+            runtime,
+            out,
+            live=False,
+            refresh_s=0.5,
+            abort_on_failure=False,
+        )
+        up._ensure("first")  # ready, and leased to up: it cannot be evicted
+        up._ensure("second")
+        first, second = up.rows()
+
+        assert (first.state, first.leases) == ("ready", 1)
+        assert runtime.snapshot(str(first.instance_id)).lease_count == 1
+        assert second.state == "failed"
+        assert second.error is not None
+        assert second.error.startswith("no room for second: it needs 300 MiB RAM")
+        assert "held by first-" in second.error
+        assert cell(render_table([first, second]), 1, "memory") == "300 MiB (est)"
+        stats = runtime.statistics().memory
+        assert (stats.evictions, stats.queued) == (0, 0)
+        assert render_memory(stats) == ["memory: ram 300/500 MiB; 0 queued; 0 evictions"]
+
+        assert up.finish() == 1  # a backend failed for good
+    assert "backend second failed for good: no room for second" in out.getvalue()
+    assert runtime.snapshot(str(first.instance_id)).lease_count == 0  # released, then stopped
+
+
+def test_under_a_capacity_up_starts_backends_in_turn_so_each_is_admitted_on_measured_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorder: SignalRecorder
+) -> None:
+    # Estimated at 300 MiB each, two do not fit in 500; measured at 100 MiB each, they do.
+    def estimate(self: LlamaCppBackend, spec: BootSpec, gpus: object) -> MemoryNeed | None:
+        return MemoryNeed(ram_mib=300.0)
+
+    monkeypatch.setattr(LlamaCppBackend, "estimate_memory", estimate)
+    monkeypatch.setattr(backend_actor, "_rss_mib", lambda pid: None)
+    specs = {
+        name: Fake(tmp_path / name).spec(alias=name, behaviour={"buffers": "CPU KV 100"})
+        for name in ("first", "second")
+    }
+    with Runtime(
+        state_dir=tmp_path / "state", policy=FAST, capacity=Capacity(ram_mib=500)
+    ) as runtime:
+        up = _Up(
+            Config(source="up.toml", backends=specs, capacity=runtime.capacity),
+            list(specs),
+            runtime,
+            io.StringIO(),
+            live=False,
+            refresh_s=0.5,
+            abort_on_failure=False,
+        )
+        up.start_all()
+        recorder.wait_for("lease_granted", count=2, timeout=WAIT)
+        rows = up.rows()
+
+        assert [(r.state, r.leases) for r in rows] == [("ready", 1), ("ready", 1)]
+        assert [cell(render_table(rows), i, "memory") for i in (1, 2)] == [
+            "100 MiB (est 300, +200.0%)"
+        ] * 2
+        assert render_memory(runtime.statistics().memory) == [
+            "memory: ram 200/500 MiB; 0 queued; 0 evictions"
+        ]
+        assert up.finish() == 0
+
+
+def test_up_renews_the_leases_it_holds_and_forgets_one_that_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorder: SignalRecorder
+) -> None:
+    monkeypatch.setattr(
+        LlamaCppBackend, "estimate_memory", lambda self, spec, gpus: MemoryNeed(ram_mib=100.0)
+    )
+    monkeypatch.setattr("llama_actors._cli.up.RENEW_EVERY_S", 0.0)  # every redraw
+    spec = Fake(tmp_path / "chat").spec(alias="chat")
+    with Runtime(
+        state_dir=tmp_path / "state", policy=FAST, capacity=Capacity(ram_mib=500)
+    ) as runtime:
+        up = _Up(
+            Config(source="up.toml", backends={"chat": spec}, capacity=runtime.capacity),
+            ["chat"],
+            runtime,
+            io.StringIO(),
+            live=False,
+            refresh_s=0.5,
+            abort_on_failure=False,
+        )
+        up._ensure("chat")
+        (ref, _) = up.leases["chat"]
+        up.renew()
+        renewed = recorder.wait_for("lease_renewed", timeout=WAIT)
+        assert renewed.payload["lease"].lease_ref == ref
+
+        runtime.release(ref)  # as when its instance fails for good
+        up.renew()
+        assert up.leases == {}
+        assert up.finish() == 0
+
+
+def status_row(state_dir: Path, name: str, column: str) -> tuple[str, str]:
+    """``name``'s ``column`` in the table ``status`` prints, once it has one, and all of
+    ``status``'s output. The status file follows what ``up`` prints by one redraw, and
+    nothing announces a rewrite: each look is one run of ``status``."""
+    deadline = time.monotonic() + 30
+    while True:
+        shown = status(state_dir)
+        lines = [line[2:] for line in shown.stdout.splitlines() if line.startswith("  ")]
+        table = [line for line in lines if line.split()[:1] in (["backend"], [name])]
+        if len(table) == 2 and column in table[0]:
+            text = cell(table, 1, column)
+            if text not in ("", "-") or time.monotonic() > deadline:
+                return text, shown.stdout
+        elif time.monotonic() > deadline:
+            raise AssertionError(f"no {column} for {name} in:\n{shown.stdout}")
+
+
+def test_up_with_a_capacity_from_the_file_shows_each_backends_memory_here_and_in_status(
+    tmp_path: Path, up_runs: list[Up], gemma_model: str
+) -> None:
+    # The fake serves the real gemma file: its GGUF header gives the estimate.
+    config = write_config(
+        tmp_path,
+        "[capacity]\nram_mib = 4000\n",
+        fake_backend("chat", model=gemma_model, buffers=BUFFERS),
+    )
+    up = Up(config, tmp_path / "state")
+    up_runs.append(up)
+    up.wait_for("backend chat memory: ")
+
+    shown, text = status_row(tmp_path / "state", "chat", "memory")
+    (chat,) = json.loads(status(tmp_path / "state", "--json").stdout)[0]["backends"]
+    memory = chat["memory"]
+    assert (memory["measured"]["ram_mib"], memory["measured"]["shared_mib"]) == (33.28, 235.16)
+    assert memory["measured"]["source"] == "reported"
+    estimate = memory["estimate"]["ram_mib"] + memory["estimate"]["shared_mib"]
+    expected = f"268 MiB (est {estimate:.0f}, {memory['error_pct']:+.1f}%)"
+    assert shown == expected
+    assert f"backend chat memory: {expected}" in up.output()
+    assert "  memory: ram 268/4000 MiB; 0 queued; 0 evictions" in text
+    assert chat["leases"] == 1  # up holds it, so nothing evicts it
+    as_json = json.loads(status(tmp_path / "state", "--json").stdout)[0]["memory"]
+    assert as_json["capacity"] == {"ram": 4000.0}
+    assert as_json["used"] == {"ram": 268.44}
+
+    up.process.send_signal(signal.SIGTERM)
+    assert up.finish() == 0, up.output()
+
+
+def test_a_bad_capacity_table_exits_2_naming_the_key_without_starting_anything(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, "[capacity]\nram_mib = '4 GB'\n", fake_backend("chat"))
+    done = subprocess.run(
+        [CLI, "up", str(config), "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"{config}: capacity.ram_mib: must be a number of MiB, above 0" in done.stderr
+    assert not (tmp_path / "state" / "logs").exists()
 
 
 def table_rows(screen: str) -> list[list[str]]:

@@ -13,12 +13,17 @@
     [backends.chat.policy.restart]  # optional: RestartPolicy fields
     max_restarts = 3
 
+    [capacity]                    # optional: the memory the runtime may use (MiB)
+    ram_mib = 8000                # or detect = true (headroom_mib = 1024)
+    gpus = [{index = 0, mib = 22000, name = "RTX 4090"}]
+
 Errors are :class:`BootSpecError` with ``source`` set to the file and ``field`` the full
 path, such as ``backends.chat.port``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -30,6 +35,7 @@ import msgspec
 from llama_actors._backends.registry import validate_spec
 from llama_actors._exceptions import BootSpecError
 from llama_actors._kernel.backend import BackendSpec
+from llama_actors._kernel.memory import Capacity, Gpu
 from llama_actors._kernel.policy import InstancePolicy, RestartPolicy
 
 __all__ = [
@@ -46,12 +52,15 @@ _PATH_FIELDS = ("model", "api_key_file")
 
 
 class Config(msgspec.Struct, frozen=True):
-    """A parsed config file: its path (if any), its backends by name in file order, and
-    the policy of each backend that has a ``policy`` table."""
+    """A parsed config file: its path (if any), its backends by name in file order, the
+    policy of each backend that has a ``policy`` table, and the runtime's memory
+    ``capacity`` from the ``[capacity]`` table (None without one; ``detect = true`` is
+    sized from what the machine has free when the file is read)."""
 
     source: str | None
     backends: dict[str, BackendSpec]
     policies: dict[str, InstancePolicy] = msgspec.field(default_factory=dict)
+    capacity: Capacity | None = None
 
     def policy(self, name: str) -> InstancePolicy | None:
         """The backend's own policy, or None when the file gives it none."""
@@ -74,10 +83,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML config file; the first invalid field raises."""
     source = os.fspath(path)
     base_dir = os.path.dirname(os.path.abspath(source))
-    specs, policies, errors = _validate(read_config_file(source), source, base_dir)
+    specs, policies, capacity, errors = _validate(read_config_file(source), source, base_dir)
     if errors:
         raise errors[0]
-    return Config(source=source, backends=specs, policies=policies)
+    return Config(source=source, backends=specs, policies=policies, capacity=capacity)
 
 
 def validate_config_file(
@@ -112,33 +121,44 @@ def parse_config(
     data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
 ) -> Config:
     """Validate an already parsed config mapping; relative paths resolve against ``base_dir``."""
-    specs, policies, errors = _validate(data, source, base_dir)
+    specs, policies, capacity, errors = _validate(data, source, base_dir)
     if errors:
         raise errors[0]
-    return Config(source=source, backends=specs, policies=policies)
+    return Config(source=source, backends=specs, policies=policies, capacity=capacity)
 
 
 def validate_config(
     data: Mapping[str, Any], *, source: str | None = None, base_dir: str | None = None
 ) -> tuple[dict[str, BackendSpec], list[BootSpecError]]:
-    """Validate every backend; return the valid specs and an error for each invalid one."""
-    specs, _policies, errors = _validate(data, source, base_dir)
+    """Validate every backend (and the ``[capacity]`` table); return the valid specs and
+    an error for each invalid one."""
+    specs, _policies, _capacity, errors = _validate(data, source, base_dir)
     return specs, errors
 
 
-def _validate(
-    data: Mapping[str, Any], source: str | None, base_dir: str | None
-) -> tuple[dict[str, BackendSpec], dict[str, InstancePolicy], list[BootSpecError]]:
+_Validated = tuple[
+    dict[str, BackendSpec], dict[str, InstancePolicy], Capacity | None, list[BootSpecError]
+]
+
+
+def _validate(data: Mapping[str, Any], source: str | None, base_dir: str | None) -> _Validated:
     errors: list[BootSpecError] = [
         BootSpecError(
             str(key),
             data[key],
-            "unknown top-level key; put backends under [backends.NAME]",
+            "unknown top-level key; put backends under [backends.NAME] and the runtime's "
+            "memory under [capacity]",
             source=source,
         )
         for key in data
-        if key != "backends"
+        if key not in ("backends", "capacity")
     ]
+    capacity = None
+    if "capacity" in data:
+        try:
+            capacity = _capacity(data["capacity"])
+        except BootSpecError as exc:
+            errors.append(exc.located("capacity", source))
     backends = data.get("backends")
     if not isinstance(backends, Mapping) or not backends:
         errors.append(
@@ -149,7 +169,7 @@ def _validate(
                 source=source,
             )
         )
-        return {}, {}, errors
+        return {}, {}, capacity, errors
     specs: dict[str, BackendSpec] = {}
     policies: dict[str, InstancePolicy] = {}
     for name, table in backends.items():
@@ -172,7 +192,107 @@ def _validate(
                     policies[name] = _policy(policy)
                 except BootSpecError as exc:
                     errors.append(exc.located(f"{prefix}.policy", source))
-    return specs, policies, errors
+    return specs, policies, capacity, errors
+
+
+_CAPACITY_KEYS = ("ram_mib", "gpus", "detect", "headroom_mib")
+_GPU_KEYS = ("index", "mib", "name")
+_CAPACITY_HINT = "ram_mib = N (MiB of RAM), gpus = [{index = 0, mib = N}] or detect = true"
+
+
+def _capacity(table: Any) -> Capacity:
+    """A :class:`Capacity` from the ``[capacity]`` table; errors name the key under it.
+
+    ``detect = true`` sizes it from what the machine has free now, less ``headroom_mib``;
+    ``gpus`` then lists the GPUs with their free MiB instead of asking NVML."""
+    if not isinstance(table, Mapping):
+        raise BootSpecError("", table, f"must be a table: [capacity] with {_CAPACITY_HINT}")
+    for key in table:
+        if key not in _CAPACITY_KEYS:
+            raise BootSpecError(
+                str(key), table[key], f"unknown capacity key; known: {', '.join(_CAPACITY_KEYS)}"
+            )
+    detect = table.get("detect", False)
+    if not isinstance(detect, bool):
+        raise BootSpecError(
+            "detect",
+            detect,
+            "must be true (size the capacity from what the machine has free) or false",
+        )
+    gpus = _gpus(table["gpus"]) if "gpus" in table else None
+    if detect:
+        if "ram_mib" in table:
+            raise BootSpecError(
+                "ram_mib",
+                table["ram_mib"],
+                "cannot be given with detect = true, which measures the free RAM; "
+                "remove one of the two",
+            )
+        headroom = _mib("headroom_mib", table.get("headroom_mib", 1024.0), zero=True)
+        return Capacity.detect(headroom_mib=headroom, gpus=gpus)
+    if "headroom_mib" in table:
+        raise BootSpecError(
+            "headroom_mib",
+            table["headroom_mib"],
+            "is used only with detect = true; add detect = true or remove it",
+        )
+    ram = _mib("ram_mib", table["ram_mib"], zero=False) if "ram_mib" in table else None
+    if ram is None and gpus is None:
+        raise BootSpecError("", dict(table), f"needs {_CAPACITY_HINT}")
+    return Capacity(ram_mib=ram, gpus=gpus)
+
+
+def _gpus(value: Any) -> tuple[Gpu, ...]:
+    if not isinstance(value, list) or not all(isinstance(g, Mapping) for g in value):
+        raise BootSpecError(
+            "gpus",
+            value,
+            'must be an array of tables such as [{index = 0, mib = 22000, name = "RTX 4090"}]',
+        )
+    gpus: list[Gpu] = []
+    for position, table in enumerate(value):
+        where = f"gpus[{position}]"
+        for key in table:
+            if key not in _GPU_KEYS:
+                raise BootSpecError(
+                    f"{where}.{key}",
+                    table[key],
+                    f"unknown GPU key; known: {', '.join(_GPU_KEYS)}",
+                )
+        for key in ("index", "mib"):
+            if key not in table:
+                raise BootSpecError(
+                    where, dict(table), f"needs {key}: each GPU is {{index = N, mib = N}}"
+                )
+        index = table["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise BootSpecError(
+                f"{where}.index", index, "must be the device number llama.cpp uses: 0, 1, ..."
+            )
+        if any(g.index == index for g in gpus):
+            raise BootSpecError(
+                f"{where}.index", index, "repeats the index of an earlier GPU; give each once"
+            )
+        name = table.get("name", "")
+        if not isinstance(name, str):
+            raise BootSpecError(f"{where}.name", name, 'must be a string, such as "RTX 4090"')
+        mib = _mib(f"{where}.mib", table["mib"], zero=True)
+        gpus.append(Gpu(index=index, mib=mib, name=name))
+    return tuple(gpus)
+
+
+def _mib(field: str, value: Any, *, zero: bool) -> float:
+    """``value`` as MiB: a finite number above 0 (or at least 0 when ``zero``)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        least = "0 or more" if zero else "above 0"
+        raise BootSpecError(field, value, f"must be a number of MiB, {least}, such as 8000")
+    return float(value)
 
 
 _OPTIONAL_POLICY_FIELDS = (

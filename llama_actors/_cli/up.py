@@ -8,6 +8,18 @@ and removes it when it exits.
 The table shows each backend's busy and total slots (a ``slots`` column, there once a
 server tells them) and, when it is ``degraded`` because it is saturated, why:
 ``degraded (saturated: 4 of 4 slots busy, 2 requests deferred)``.
+
+A ``memory`` column (there once any backend has a figure) shows what admission holds for
+each backend: the measured figure once it is ready, with the estimate and its error
+(``313 MiB (est 320, +2.2%)``), else the estimate (``320 MiB (est)``); RAM counts the
+model file's shared pages, so two backends on one file each show them. With a
+``[capacity]`` the runtime's memory is a line under the table (``memory: ram 626/4000
+MiB; 0 queued; 0 evictions``), and ``up`` starts the backends one after another in file
+order, each once the one before is ready and measured (so each is admitted against
+measured figures, not estimates), and holds a lease on each (owner ``llama-actors up``,
+renewed while it runs), so admission never evicts one backend to start another. A
+backend that does not fit beside those before it fails at once with
+:class:`~llama_actors.InsufficientMemoryError`, which says what holds the memory.
 """
 
 from __future__ import annotations
@@ -29,16 +41,30 @@ import psutil
 
 from llama_actors._base.state import default_state_dir
 from llama_actors._cli.config import Config
-from llama_actors._exceptions import LlamaActorsError
-from llama_actors._kernel.types import RuntimeSnapshot
+from llama_actors._exceptions import LeaseExpiredError, LeaseNotFoundError, LlamaActorsError
+from llama_actors._kernel.memory import MemoryNeed
+from llama_actors._kernel.types import InstanceMemory, MemoryStatistics, RuntimeSnapshot
 from llama_actors._runtime.runtime import Runtime
 from llama_actors._runtime.signals import instance_failed
 
-__all__ = ["BackendStatus", "UpStatus", "read_status", "render_table", "run_up"]
+__all__ = [
+    "BackendStatus",
+    "UpStatus",
+    "read_status",
+    "render_memory",
+    "render_table",
+    "run_up",
+]
 
 EXIT_OK, EXIT_FAILED = 0, 1
 COLUMNS = ("backend", "state", "health", "port", "pid", "leases", "restarts", "uptime")
+MEMORY_COLUMN = "memory"  # added after uptime once any backend has a memory figure
 SLOTS_COLUMN = "slots"  # added at the end once any backend's server tells its slots
+#: Who holds the leases ``up`` takes under a capacity, for how long, and how often
+#: they are renewed.
+LEASE_OWNER = "llama-actors up"
+LEASE_TTL_MS = 60_000
+RENEW_EVERY_S = 20.0
 
 
 class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,7 +72,8 @@ class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
 
     ``health_reason`` and ``health_cause`` say why ``health`` is what it is; while the
     server is saturated the reason has the latest figures. ``slots_busy`` and
-    ``slots_total`` are None until its server tells them (``/slots``).
+    ``slots_total`` are None until its server tells them (``/slots``). ``memory`` is
+    the instance's estimate and measured memory (None before it exists).
     """
 
     name: str
@@ -66,10 +93,12 @@ class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
     health_cause: str | None = None
     slots_busy: int | None = None
     slots_total: int | None = None
+    memory: InstanceMemory | None = None
 
 
 class UpStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """What a running ``up`` publishes: who it is, its config, and each backend."""
+    """What a running ``up`` publishes: who it is, its config, each backend, and the
+    runtime's memory (capacity, use, queue and evictions; None from an older ``up``)."""
 
     pid: int
     config: str | None
@@ -77,6 +106,7 @@ class UpStatus(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float
     updated_at: float
     backends: list[BackendStatus]
+    memory: MemoryStatistics | None = None
 
 
 def status_dir(state_dir: Path) -> Path:
@@ -110,36 +140,97 @@ class _Up:
         self.errors: dict[str, str] = {}
         self.events: deque[str] = deque(maxlen=8)
         self.announced: set[str] = set()
+        self.measured: set[str] = set()
         self.status_file = status_dir(runtime.state_dir) / f"{os.getpid()}.json"
+        # Under a capacity each backend is leased, so none is evicted for another.
+        self.hold = runtime.capacity is not None
+        self.leases: dict[str, tuple[str, float]] = {}  # name -> (lease ref, renewed at)
+        self.lock = threading.Lock()
 
     # -- starting ---------------------------------------------------------------------
 
     def start_all(self) -> None:
-        """Ask for every backend at once; each waits for readiness on its own thread."""
+        """Ask for every backend at once, each waiting for readiness on its own thread;
+        under a capacity, one after another on one thread."""
+        if self.hold:
+            threading.Thread(target=self._ensure_in_turn, name="up-backends", daemon=True).start()
+            return
         for name in self.names:
             threading.Thread(
                 target=self._ensure, args=(name,), name=f"up-{name}", daemon=True
             ).start()
+
+    def _ensure_in_turn(self) -> None:
+        # A resolve returns once admission holds the instance's measured figure, so the
+        # next backend is admitted against what the ones before it really hold.
+        for name in self.names:
+            if self.stop.is_set():
+                return
+            self._ensure(name)
 
     def _ensure(self, name: str) -> None:
         spec = self.config.backend(name)
         policy = self.config.policy(name)
         ceiling = (policy or self.runtime.policy).ready_ceiling_s
         try:
-            self.runtime.ensure_instance(spec, policy=policy, timeout=ceiling + 30.0)
+            if not self.hold:
+                self.runtime.ensure_instance(spec, policy=policy, timeout=ceiling + 30.0)
+                return
+            # up holds every lease and starts its backends in turn: nothing frees room
+            # later, so one that does not fit now fails at once.
+            resolution = self.runtime.resolve_endpoint(
+                spec,
+                owner_ref=LEASE_OWNER,
+                ttl_ms=LEASE_TTL_MS,
+                policy=policy,
+                timeout=ceiling + 30.0,
+                wait_for_memory=False,
+            )
         except LlamaActorsError as exc:
             if not self.stop.is_set():
                 self.errors[name] = str(exc)
                 self.wake.set()
+            return
+        ref = resolution.lease.lease_ref
+        with self.lock:
+            if not self.stop.is_set():
+                self.leases[name] = (ref, time.monotonic())
+                return
+        self._release(ref)  # stopping already: finish() has released the others
+
+    def renew(self) -> None:
+        """Renew the leases that are due; one whose instance failed for good has ended
+        with it and is forgotten."""
+        now = time.monotonic()
+        with self.lock:
+            due = [(n, ref) for n, (ref, at) in self.leases.items() if now - at >= RENEW_EVERY_S]
+        for name, ref in due:
+            try:
+                self.runtime.renew(ref)
+            except (LeaseNotFoundError, LeaseExpiredError):
+                with self.lock:
+                    self.leases.pop(name, None)
+                continue
+            except LlamaActorsError:
+                continue  # no answer in time: again at the next redraw
+            with self.lock:
+                if name in self.leases:
+                    self.leases[name] = (ref, now)
+
+    def _release(self, ref: str) -> None:
+        with contextlib.suppress(LlamaActorsError):
+            self.runtime.release(ref)
 
     # -- the loop ---------------------------------------------------------------------
 
     def run(self) -> int:
         self.start_all()
         while not self.stop.is_set():
+            self.renew()
             rows = self.rows()
-            self.publish(rows)
-            self.show(rows)
+            memory = self.runtime.statistics().memory
+            self.publish(rows, memory)
+            self.show(rows, memory)
             failed = [r for r in rows if r.state == "failed"]
             if failed and (self.abort_on_failure or len(failed) == len(rows)):
                 break
@@ -150,6 +241,11 @@ class _Up:
     def finish(self) -> int:
         rows = self.rows()
         self.say("stopping every backend ...")
+        with self.lock:
+            refs = [ref for ref, _ in self.leases.values()]
+            self.leases.clear()
+        for ref in refs:  # so that closing does not wait for them to drain
+            self._release(ref)
         self.runtime.close()
         with contextlib.suppress(OSError):
             self.status_file.unlink()
@@ -197,15 +293,19 @@ class _Up:
                     health_cause=snap.health_cause,
                     slots_busy=load.slots_busy if load is not None else None,
                     slots_total=load.slots_total if load is not None else None,
+                    memory=snap.memory,
                 )
             )
             if snap.instance_id not in self.announced:
                 self.announced.add(snap.instance_id)
                 where = f"log: {snap.log_path}" if snap.log_path else "attached: no process"
                 self.say(f"backend {name} is instance {snap.instance_id} ({where})")
+            if snap.memory.measured is not None and snap.instance_id not in self.measured:
+                self.measured.add(snap.instance_id)
+                self.say(f"backend {name} memory: {memory_text(snap.memory)}")
         return rows
 
-    def publish(self, rows: list[BackendStatus]) -> None:
+    def publish(self, rows: list[BackendStatus], memory: MemoryStatistics) -> None:
         status = UpStatus(
             pid=os.getpid(),
             config=self.config.source,
@@ -213,6 +313,7 @@ class _Up:
             started_at=self.started_at,
             updated_at=time.time(),
             backends=rows,
+            memory=memory,
         )
         try:
             self.status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -226,12 +327,13 @@ class _Up:
                 exc,
             )
 
-    def show(self, rows: list[BackendStatus]) -> None:
+    def show(self, rows: list[BackendStatus], memory: MemoryStatistics) -> None:
         if not self.live:
             return
         # Cursor home, then each line cleared to its end, then the rest of the screen.
         lines = [f"llama-actors up {self.config.source}  (Ctrl-C stops everything)", ""]
         lines += render_table(rows)
+        lines += render_memory(memory)
         lines += [""] + [f"{r.name}: {r.error or r.log_path or '-'}" for r in rows]
         lines += ["", "recent:"] + [f"  {e}" for e in self.events]
         text = "\x1b[H" + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J"
@@ -253,10 +355,16 @@ class _Up:
 
 
 def render_table(rows: Sequence[BackendStatus]) -> list[str]:
-    """The status table as lines of text, one row per backend; with a ``slots`` column
-    (busy/total) once any backend's server tells its slots."""
+    """The status table as lines of text, one row per backend; with a ``memory`` column
+    once any backend has a memory figure, and a ``slots`` column (busy/total) once any
+    backend's server tells its slots."""
+    memory = any(r.memory is not None and r.memory.held is not None for r in rows)
     slots = any(r.slots_total is not None for r in rows)
-    header = (*COLUMNS, SLOTS_COLUMN) if slots else COLUMNS
+    header = (
+        *COLUMNS,
+        *((MEMORY_COLUMN,) if memory else ()),
+        *((SLOTS_COLUMN,) if slots else ()),
+    )
     cells = [header] + [
         (
             r.name,
@@ -267,6 +375,7 @@ def render_table(rows: Sequence[BackendStatus]) -> list[str]:
             str(r.leases),
             str(r.restarts),
             _uptime(r.uptime_s),
+            *((memory_text(r.memory),) if memory else ()),
             *((_slots(r),) if slots else ()),
         )
         for r in rows
@@ -275,6 +384,46 @@ def render_table(rows: Sequence[BackendStatus]) -> list[str]:
     return [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
+
+
+def render_memory(memory: MemoryStatistics | None) -> list[str]:
+    """The runtime's memory as one line, when it has a capacity: used/capacity of each
+    capped resource (and the use of any other), the requests waiting for room and the
+    evictions so far; no line without a capacity."""
+    if memory is None or not memory.capacity:
+        return []
+    parts = [
+        f"{resource} {memory.used.get(resource, 0.0):.0f}/{limit:.0f} MiB"
+        for resource, limit in memory.capacity.items()
+    ]
+    parts += [
+        f"{resource} {used:.0f} MiB"
+        for resource, used in memory.used.items()
+        if resource not in memory.capacity and used
+    ]
+    evictions = "1 eviction" if memory.evictions == 1 else f"{memory.evictions} evictions"
+    return [f"memory: {', '.join(parts)}; {memory.queued} queued; {evictions}"]
+
+
+def memory_text(memory: InstanceMemory | None) -> str:
+    """One backend's memory for the table: what admission holds for it (RAM with the
+    shared model pages, then each GPU), with the estimate and its error once measured:
+    ``313 MiB (est 320, +2.2%)``; ``320 MiB (est)`` before; ``-`` when unknown."""
+    if memory is None or memory.held is None:
+        return "-"
+    if memory.measured is None:
+        return f"{_need_text(memory.held)} (est)"
+    if memory.estimate is None:
+        return _need_text(memory.measured)
+    error = "" if memory.error_pct is None else f", {memory.error_pct:+.1f}%"
+    return f"{_need_text(memory.measured)} (est {_need_text(memory.estimate, unit='')}{error})"
+
+
+def _need_text(need: MemoryNeed, *, unit: str = " MiB") -> str:
+    """``313 MiB``, or ``313 MiB + gpu0 1200 MiB`` with GPUs."""
+    parts = [f"{need.total_ram_mib:.0f}{unit}"]
+    parts += [f"gpu{index} {mib:.0f}{unit}" for index, mib in sorted(need.gpu_mib.items())]
+    return " + ".join(parts)
 
 
 def _health(row: BackendStatus) -> str:
@@ -346,7 +495,7 @@ def run_up(
     if live is None:
         live = out.isatty()
     transitions = logging.getLogger("llama_actors.transitions")
-    with Runtime(state_dir=state_dir) as runtime:
+    with Runtime(state_dir=state_dir, capacity=config.capacity) as runtime:
         up = _Up(
             config,
             chosen,
@@ -411,6 +560,8 @@ def describe_status(statuses: list[tuple[UpStatus, bool]], out: TextIO) -> int:
         age = max(0.0, time.time() - status.updated_at)
         out.write(f"up pid {status.pid}: {status.config} (updated {age:.1f}s ago)\n")
         for line in render_table(status.backends):
+            out.write(f"  {line}\n")
+        for line in render_memory(status.memory):
             out.write(f"  {line}\n")
         for row in status.backends:
             if row.base_url:
