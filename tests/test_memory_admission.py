@@ -295,3 +295,27 @@ def test_a_closing_runtime_fails_the_requests_waiting_for_memory(
     assert len(got) == 1
     assert not isinstance(got[0], WaitTimeoutError)
     assert "closing" in str(got[0])
+
+
+def test_an_instance_starting_for_another_caller_is_never_evicted(
+    small: Runtime, fake: Fake, recorder: SignalRecorder
+) -> None:
+    held = small.resolve_endpoint(spec(fake, "b"), timeout=WAIT)  # 300 leased
+    slow = fake.spec(alias="a", behaviour={"load_seconds": "1.5"})
+    got: list[object] = []
+    thread = threading.Thread(target=lambda: got.append(small.resolve_endpoint(slow, timeout=WAIT)))
+    thread.start()
+    try:
+        starting = recorder.wait_for("instance_starting", timeout=WAIT, count=2)  # b, then a
+        assert small.snapshot(starting.instance_id).state == "starting"
+        # 600 held, 500 needed: only evicting the starting one would make room, and a caller
+        # waits on it.
+        with pytest.raises(InsufficientMemoryError, match=starting.instance_id):
+            small.resolve_endpoint(spec(fake, "half"), timeout=WAIT, wait_for_memory=False)
+    finally:
+        thread.join(WAIT)
+    assert recorder.find("instance_evicted") == []
+    resolution = got[0]
+    assert small.snapshot(starting.instance_id).state == "ready"
+    small.release(resolution.lease.lease_ref)  # type: ignore[attr-defined]
+    small.release(held.lease.lease_ref)

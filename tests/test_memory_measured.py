@@ -14,11 +14,13 @@ import pytest
 from llama_actors import (
     BootSpec,
     Capacity,
+    Gpu,
     ModelFileError,
     Runtime,
 )
 from llama_actors._runtime import backend as backend_actor
 from llama_actors.testing.fake import fake_spec
+from llama_actors.testing.signals import SignalRecorder
 
 from ._helpers import FAST, WAIT
 from ._models import write_model
@@ -113,3 +115,34 @@ def test_without_a_capacity_a_model_that_cannot_be_estimated_still_starts(
     assert memory.estimate is None
     assert memory.measured is not None  # what the server reported is still read
     assert memory.error_pct is None
+
+
+def test_an_injected_gpu_inventory_caps_gpu_memory_and_evicts_for_it_not_for_ram(
+    tmp_path: Path, model: Path
+) -> None:
+    # Every layer of the tiny model offloaded: about 3 MiB on GPU 0 per instance, so a GPU
+    # of 5 MiB holds one; RAM is not limited.
+    # The fake reports buffers on CUDA0 the way a CUDA build would.
+    capacity = Capacity(gpus=(Gpu(index=0, mib=5.0, name="injected"),))
+    on_gpu = "CPU_Mapped model 0.12; CUDA0 model 0.14; CUDA0 KV 0.59; CUDA0 compute 2.25"
+    recorder = SignalRecorder("instance_evicted")
+    with recorder, Runtime(state_dir=tmp_path / "state", policy=FAST, capacity=capacity) as rt:
+        first = rt.resolve_endpoint(
+            spec(model, alias="one", gpu_layers="all", buffers=on_gpu), timeout=WAIT
+        )
+        estimate = rt.snapshot(first.instance.instance_id).memory.estimate
+        assert estimate is not None
+        assert 2.5 < estimate.gpu_mib[0] < 5.0
+        rt.release(first.lease.lease_ref)
+        second = rt.resolve_endpoint(
+            spec(model, alias="two", gpu_layers="all", buffers=on_gpu), timeout=WAIT
+        )
+        evicted = recorder.find("instance_evicted")
+        assert [r.instance_id for r in evicted] == [first.instance.instance_id]
+        assert "GPU 0" in evicted[0].payload["reason"]
+        # On the CPU, the same model does not touch the GPU's budget.
+        third = rt.resolve_endpoint(spec(model, alias="three", gpu_layers=0), timeout=WAIT)
+        assert rt.snapshot(second.instance.instance_id).state == "ready"
+        assert rt.statistics().memory.used["gpu0"] == pytest.approx(0.14 + 0.59 + 2.25)
+        for resolution in (second, third):
+            rt.release(resolution.lease.lease_ref)
