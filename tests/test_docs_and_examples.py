@@ -292,6 +292,26 @@ def test_the_shared_instance_example_shares_one_server_then_stops_it_when_idle(
     _check_shared_instance(done.stdout)
 
 
+@ON_BOTH_SERVERS
+@pytest.mark.timeout(200)
+def test_the_memory_admission_example_evicts_the_idle_instance_and_refuses_beside_a_leased_one(
+    args: tuple[str, ...],
+) -> None:
+    done = _run_example("memory_admission.py", *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert re.search(r"^one instance: estimate \d+ MiB RAM \(\d+ shared\), measured ", out, re.M)
+    evicted = re.search(r"^evicted: (first-\S+): evicted: no lease held; second needs", out, re.M)
+    assert evicted is not None, out
+    assert "first is stopped" in out
+    third = re.search(
+        r"^third: InsufficientMemoryError: no room for third: .*held by (\S+)", out, re.M
+    )
+    assert third is not None, out
+    assert third.group(1).startswith("second-")
+    assert re.search(r"^used \d+ of \d+ MiB RAM, 1 eviction$", out, re.M), out
+
+
 def _printed_metric(out: str, name: str, **labels: str) -> float:
     """The value of the one metric line the example printed for ``name`` and ``labels``."""
     text = "".join(f"{line}\n" for line in out.splitlines() if line.startswith("llama_actors_"))

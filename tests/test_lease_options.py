@@ -408,3 +408,28 @@ def test_a_lease_by_id_carries_its_own_metadata_and_the_consumers(
 
     assert by_id.compatibility.metadata == {"app": "search"}
     assert by_id.lease.metadata == {"why": "by id"}
+
+
+def test_renew_and_release_take_the_lease_or_the_leased_endpoint_as_well_as_its_ref(
+    runtime: Runtime, fake: Fake
+) -> None:
+    first = runtime.resolve_endpoint(fake.spec(), timeout=WAIT)
+    assert runtime.renew(first.lease).lease_ref == first.lease.lease_ref
+    assert runtime.renew(first.endpoint, ttl_ms=5_000).ttl_ms == 5_000
+    assert runtime.release(first.lease) is True
+    assert runtime.release(first.endpoint) is False  # already ended: idempotent
+    second = runtime.resolve_endpoint(fake.spec(), timeout=WAIT)
+    assert runtime.release(second.endpoint) is True
+
+
+def test_renew_or_release_of_something_that_is_not_a_lease_fails_at_once_saying_what_to_give(
+    runtime: Runtime, fake: Fake
+) -> None:
+    resolution = runtime.resolve_endpoint(fake.spec(), timeout=WAIT)
+    published = runtime.published_endpoint(resolution.instance.instance_id)
+    for bad in ({"lease_ref": "x"}, "", published):
+        with pytest.raises(UsageError, match=r"lease ref|holds no lease"):
+            runtime.release(bad)  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match=r"lease ref|holds no lease"):
+            runtime.renew(bad)  # type: ignore[arg-type]
+    assert runtime.release(resolution.lease) is True

@@ -19,7 +19,7 @@ import pykka
 from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import EndpointDescriptor, Lease
-from llama_actors._runtime.calls import Call, Calls
+from llama_actors._runtime.calls import Call, Calls, LeaseLike, lease_ref_of
 from llama_actors._runtime.context import deliver
 from llama_actors._runtime.requests import Consumer
 
@@ -112,17 +112,18 @@ class ActorFace:
             )
         )
 
-    def renew(self, lease_ref: str, ttl_ms: int | None = None) -> str:
+    def renew(self, lease_ref: LeaseLike, ttl_ms: int | None = None) -> str:
         """Renew a lease; the new :class:`~llama_actors.Lease` or the error is told to
         ``reply_to`` (request id: the lease ref)."""
         return self._send(self._calls.renew(lease_ref, ttl_ms, self.reply_to))
 
-    def release(self, lease_ref: str) -> str:
+    def release(self, lease_ref: LeaseLike) -> str:
         """Release a lease (idempotent); ``reply_to`` is told True or False."""
         call = self._calls.release(lease_ref, self.reply_to)
         if call is None:  # the runtime is closed: every lease has ended
-            deliver(self.reply_to, lease_ref, value=False)
-            return lease_ref
+            ref = lease_ref_of(lease_ref)
+            deliver(self.reply_to, ref, value=False)
+            return ref
         return self._send(call)
 
     def report(

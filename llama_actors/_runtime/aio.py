@@ -51,7 +51,7 @@ from llama_actors._kernel.types import (
     RuntimeSnapshot,
     RuntimeStatistics,
 )
-from llama_actors._runtime.calls import Call, Calls
+from llama_actors._runtime.calls import Call, Calls, LeaseLike
 from llama_actors._runtime.requests import Consumer
 from llama_actors._runtime.runtime import (
     DEFAULT_ASK_TIMEOUT,
@@ -272,13 +272,13 @@ class AsyncRuntime:
 
     # -- leases -------------------------------------------------------------------------
 
-    async def renew(self, lease_ref: str, ttl_ms: int | None = None) -> Lease:
+    async def renew(self, lease_ref: LeaseLike, ttl_ms: int | None = None) -> Lease:
         """:meth:`Runtime.renew`, awaitable: extend a live lease to now + ``ttl_ms``."""
         future: _LoopFuture[Lease] = _LoopFuture(asyncio.get_running_loop())
         lease: Lease = await self._wait(self._calls.renew(lease_ref, ttl_ms, future), future)
         return lease
 
-    async def release(self, lease_ref: str) -> bool:
+    async def release(self, lease_ref: LeaseLike) -> bool:
         """:meth:`Runtime.release`, awaitable: True if the lease was live, else False."""
         future: _LoopFuture[bool] = _LoopFuture(asyncio.get_running_loop())
         call = self._calls.release(lease_ref, future)

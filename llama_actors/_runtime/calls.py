@@ -58,7 +58,7 @@ from llama_actors._runtime.requests import (
     request_id,
 )
 
-__all__ = ["Call", "Calls", "lease_ref_of", "route"]
+__all__ = ["Call", "Calls", "LeaseLike", "lease_ref_of", "route"]
 
 _DETAIL_MAX = 500
 
@@ -66,6 +66,9 @@ _DETAIL_MAX = 500
 Reply = pykka.Future[Any] | pykka.ActorRef[Any] | None
 
 log = logging.getLogger("llama_actors.runtime")
+
+#: What names a lease: its ref, the :class:`Lease`, or the leased endpoint.
+LeaseLike = str | Lease | EndpointDescriptor
 
 
 @dataclass(frozen=True, eq=False)
@@ -229,15 +232,18 @@ class Calls:
         )
         return Call(message, reply, timeout, f"instance {spec.alias}", rid, spec)
 
-    def renew(self, lease_ref: str, ttl_ms: int | None, reply: Reply) -> Call:
+    def renew(self, lease: LeaseLike, ttl_ms: int | None, reply: Reply) -> Call:
+        """``lease`` is a ref, a :class:`Lease` or a leased endpoint."""
         self._check_open()
+        lease_ref = lease_ref_of(lease)
         if ttl_ms is not None:
             check_ttl(ttl_ms)
         message = RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=reply)
         return Call(message, reply, self.ask_timeout, f"renewing {lease_ref}", lease_ref)
 
-    def release(self, lease_ref: str, reply: Reply) -> Call | None:
+    def release(self, lease: LeaseLike, reply: Reply) -> Call | None:
         """None when the runtime is closed: every lease has ended then."""
+        lease_ref = lease_ref_of(lease)
         if self._closed():
             return None
         message = ReleaseLease(lease_ref=lease_ref, reply=reply)
@@ -364,7 +370,7 @@ def _check_wait(wait_for_memory: object) -> None:
         raise UsageError(f"wait_for_memory must be True or False (got {wait_for_memory!r})")
 
 
-def lease_ref_of(lease: str | Lease | EndpointDescriptor) -> str:
+def lease_ref_of(lease: LeaseLike) -> str:
     """The lease ref of a lease, a leased endpoint or a ref; a clear error otherwise."""
     if isinstance(lease, str) and lease:
         return lease

@@ -48,7 +48,7 @@ from llama_actors._kernel.types import (
 from llama_actors._runtime.actor_face import ActorFace
 from llama_actors._runtime.board import StatusBoard
 from llama_actors._runtime.broker import LeaseBroker
-from llama_actors._runtime.calls import Calls
+from llama_actors._runtime.calls import Calls, LeaseLike
 from llama_actors._runtime.context import Context, tell
 from llama_actors._runtime.messages import Close
 from llama_actors._runtime.requests import Consumer, check_ttl
@@ -245,8 +245,9 @@ class Runtime:
 
     # -- leases -------------------------------------------------------------------------
 
-    def renew(self, lease_ref: str, ttl_ms: int | None = None) -> Lease:
-        """Extend a live lease to now + ``ttl_ms`` (its own TTL by default).
+    def renew(self, lease_ref: LeaseLike, ttl_ms: int | None = None) -> Lease:
+        """Extend a live lease to now + ``ttl_ms`` (its own TTL by default). The lease
+        is named by its ref, the :class:`Lease` or the leased endpoint.
 
         Raises :class:`LeaseExpiredError` or :class:`LeaseNotFoundError` when it is gone,
         and :class:`LeaseNotRenewableError` for a lease granted with ``renewable=False``.
@@ -256,8 +257,9 @@ class Runtime:
         )
         return lease
 
-    def release(self, lease_ref: str) -> bool:
-        """End a lease. Idempotent: True if it was live, False if it had already ended."""
+    def release(self, lease_ref: LeaseLike) -> bool:
+        """End a lease (its ref, the :class:`Lease` or the leased endpoint). Idempotent:
+        True if it was live, False if it had already ended."""
         call = self._calls.release(lease_ref, pykka.ThreadingFuture())
         if call is None:
             return False

@@ -286,6 +286,7 @@ class Supervisor(RuntimeActor):
         need = verdict.need
         alias = msg.spec.alias
         free = ", ".join(f"{mib:.0f} MiB {_resource(r)}" for r, mib in verdict.free.items())
+        short = ", ".join(f"{mib:.0f} MiB {_resource(r)}" for r, mib in verdict.short.items())
         holders = [h for h in verdict.holders if h.need != MemoryNeed()]
         held = "; ".join(
             f"{h.instance_id} ({h.state}, {h.leases} lease{'s' if h.leases != 1 else ''}, "
@@ -301,7 +302,8 @@ class Supervisor(RuntimeActor):
         else:
             text = (
                 f"no room for {alias}: it needs {need.describe()} and {free or 'nothing'} is "
-                f"free of {cap.describe()}; held by {held or 'nobody'}. Instances with a lease, "
+                f"free of {cap.describe()} ({short or 'nothing'} short, the model's shared "
+                f"pages counted once); held by {held or 'nobody'}. Instances with a lease, "
                 "or that callers wait on, are never evicted: release a lease or stop an "
                 "instance, wait longer (wait_for_memory=True with a longer timeout), or give "
                 "the runtime a larger Capacity"
