@@ -319,3 +319,33 @@ def test_an_instance_starting_for_another_caller_is_never_evicted(
     assert small.snapshot(starting.instance_id).state == "ready"
     small.release(resolution.lease.lease_ref)  # type: ignore[attr-defined]
     small.release(held.lease.lease_ref)
+
+
+def test_two_callers_taking_turns_on_a_capacity_for_one_never_fail_and_never_overcommit(
+    tmp_path: Path, fake: Fake, recorder: SignalRecorder
+) -> None:
+    # Each resolve of one identity may meet the other being evicted, or its own identity
+    # going: it waits for room and a fresh instance instead of failing.
+    rounds = 5
+    errors: list[BaseException] = []
+    peak: list[float] = []
+    with Runtime(state_dir=tmp_path / "state", policy=FAST, capacity=Capacity(ram_mib=500)) as rt:
+
+        def take_turns(alias: str) -> None:
+            try:
+                for _ in range(rounds):
+                    resolution = rt.resolve_endpoint(spec(fake, alias), timeout=WAIT)
+                    peak.append(rt.statistics().memory.used["ram"])
+                    rt.release(resolution.lease)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=take_turns, args=(a,)) for a in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(4 * rounds * WAIT)
+        assert errors == []
+        assert max(peak) <= 500
+        assert rt.statistics().memory.queued == 0
+    assert len(recorder.find("lease_granted")) == 2 * rounds

@@ -185,7 +185,7 @@ class Supervisor(RuntimeActor):
                 self._dequeue(rid)
                 self._join(same, msg)
                 continue
-            need = msg.need or MemoryNeed()
+            need = msg.need or self._known_need(msg.spec.instance_key)
             verdict = self.admission.check(need, self._holders())
             if verdict.kind == "fits":
                 self._dequeue(rid)
@@ -216,6 +216,14 @@ class Supervisor(RuntimeActor):
                 )
                 deliver(msg.reply, rid, error=error)
         self._publish_memory()
+
+    def _known_need(self, key: str) -> MemoryNeed:
+        """What an instance of ``key`` that is going (evicted or stopping) holds: the
+        caller skipped the estimate because it saw that one ready."""
+        for iid, inst in self.registry.items():
+            if inst.key == key and iid in self.admission.held:
+                return self.admission.held[iid]
+        return MemoryNeed()
 
     def _dequeue(self, request_id: str) -> None:
         self.queue.pop(request_id, None)
@@ -248,8 +256,11 @@ class Supervisor(RuntimeActor):
 
     def _evict(self, iid: str, reason: str, msg: Resolve | Ensure | None) -> None:
         """Ask the broker to close ``iid`` if it still holds no lease (:class:`Evicted`
-        comes back); only then is it stopped."""
+        comes back); only then is it stopped. Its identity is forgotten at once, so a
+        resolve of the same spec meanwhile waits for a fresh instance (and its room)
+        instead of joining one that is going; a refused eviction restores it."""
         self.evicting[iid] = reason
+        self._forget_key(self.registry[iid], iid)
         tell(self.ctx.broker, EvictInstance(instance_id=iid))
         self._evicting_for[iid] = msg
 
@@ -262,6 +273,8 @@ class Supervisor(RuntimeActor):
         if not ok or inst.stopping or inst.done:
             # A lease was granted meanwhile (or it is going anyway): admission looks again.
             del self.evicting[iid]
+            if not inst.stopping and not inst.done:
+                self.by_key.setdefault(inst.key, iid)
             self._pump()
             return
         self.evictions += 1
@@ -328,6 +341,7 @@ class Supervisor(RuntimeActor):
 
     def _create(self, msg: Resolve | Ensure, need: MemoryNeed) -> str:
         spec, policy = msg.spec, msg.policy
+        estimate = msg.need if msg.need is not None or need == MemoryNeed() else need
         iid = f"{_slug(spec.alias)}-{secrets.token_hex(3)}"
         self.admission.hold(iid, need)
         self.ctx.board.add(
@@ -336,7 +350,7 @@ class Supervisor(RuntimeActor):
             str(self.ctx.log_path(iid)) if msg.plan is not None else None,
             manifest=msg.backend.manifest(spec),
             metadata=spec.metadata,
-            memory=InstanceMemory(estimate=msg.need),
+            memory=InstanceMemory(estimate=estimate),
             created_at=self.ctx.timers.now(),
         )
         ref = BackendActor.start(
@@ -346,7 +360,7 @@ class Supervisor(RuntimeActor):
             plan=msg.plan,
             policy=policy,
             context=self.ctx,
-            estimate=msg.need,
+            estimate=estimate,
         )
         self.registry[iid] = _Instance(ref=ref, key=spec.instance_key, spec=spec, policy=policy)
         self.by_key[spec.instance_key] = iid
