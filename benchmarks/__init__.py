@@ -11,4 +11,5 @@ BENCHMARKS = (
     "scale",
     "direct_vs_proxied",
     "probe_cost",
+    "memory",
 )

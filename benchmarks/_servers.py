@@ -397,13 +397,23 @@ class Router:
 
     model = "bench-model"
 
-    def __init__(self, binary: str, model_path: str, folder: Path, *args: str) -> None:
+    def __init__(
+        self,
+        binary: str,
+        model_path: str,
+        folder: Path,
+        *args: str,
+        names: tuple[str, ...] = (),
+    ) -> None:
+        """``names``: the model names to offer (each a link to ``model_path``), by
+        default :attr:`model` alone."""
         self.folder = folder
         models = folder / "models"
         models.mkdir(parents=True, exist_ok=True)
-        link = models / f"{self.model}.gguf"
-        if not link.exists():
-            link.symlink_to(model_path)
+        for name in names or (self.model,):
+            link = models / f"{name}.gguf"
+            if not link.exists():
+                link.symlink_to(model_path)
         self.argv = [binary, "--models-dir", str(models), "--models-max", "1", *args]
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0

@@ -4,7 +4,7 @@
 
 The runtime estimates each instance's memory from the model's GGUF header before it
 starts, and replaces the estimate with what the server reports once it is ready. The
-capacity here is sized from one instance's figure so that exactly one fits: ``first`` is
+capacity here is sized from one instance's figures so that exactly one fits: ``first`` is
 resolved and released, and ``second`` evicts it (the ``instance_evicted`` signal says why).
 While ``second`` is leased, a third identity cannot be admitted: asked not to wait, it
 fails at once with ``InsufficientMemoryError`` naming what holds the memory.
@@ -62,8 +62,9 @@ def main() -> int:
 
     signals.instance_evicted.connect(on_evicted)
     with tempfile.TemporaryDirectory() as state:
-        # One instance alone, to size a capacity: its shared pages and 1.5 private parts
-        # (the larger of the estimate's and the measured one).
+        # One instance alone, to size a capacity: its shared pages, its estimated private
+        # part (admission checks the estimate before a start) and half a measured one, so
+        # a second instance never fits beside a first that is running.
         with llama_actors.Runtime(state_dir=state) as probe:
             ensured = probe.ensure_instance(spec(args, "probe"), timeout=120)
             memory = probe.snapshot(ensured.instance.instance_id).memory
@@ -71,8 +72,9 @@ def main() -> int:
         assert held is not None
         assert memory.estimate is not None
         print(f"one instance: estimate {memory.estimate.describe()}, measured {held.describe()}")
-        private = max(held.ram_mib, memory.estimate.ram_mib)
-        capacity = llama_actors.Capacity(ram_mib=held.shared_mib + 1.5 * private)
+        capacity = llama_actors.Capacity(
+            ram_mib=held.shared_mib + memory.estimate.ram_mib + 0.5 * held.ram_mib
+        )
         print(f"capacity: {capacity.describe()}")
 
         with llama_actors.Runtime(state_dir=state, capacity=capacity) as runtime:

@@ -58,6 +58,8 @@ def run_benchmarks(tmp_path: Path, *args: str, timeout: float) -> dict[str, obje
     assert any("plain mapping" in m for m in metrics)
     assert any("health_changed(cause=inference)" in m for m in metrics)  # wedge_detection
     assert any("detected at the worst phase" in m for m in metrics)
+    assert any("switch to the other model" in m for m in metrics)  # memory
+    assert any("400-token generation" in m for m in metrics)
     assert any("inference probes every 1 s" in m for m in metrics)  # probe_cost
     assert any("inference probes completed during the measured generation" in m for m in metrics)
     assert any("load readings every 1 s" in m for m in metrics)  # scale
