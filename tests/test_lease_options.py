@@ -427,7 +427,7 @@ def test_renew_or_release_of_something_that_is_not_a_lease_fails_at_once_saying_
 ) -> None:
     resolution = runtime.resolve_endpoint(fake.spec(), timeout=WAIT)
     published = runtime.published_endpoint(resolution.instance.instance_id)
-    for bad in ({"lease_ref": "x"}, "", published):
+    for bad in ({"lease_ref": "x"}, 42, published):
         with pytest.raises(UsageError, match=r"lease ref|holds no lease"):
             runtime.release(bad)  # type: ignore[arg-type]
         with pytest.raises(UsageError, match=r"lease ref|holds no lease"):

@@ -121,7 +121,7 @@ class ActorFace:
         """Release a lease (idempotent); ``reply_to`` is told True or False."""
         call = self._calls.release(lease_ref, self.reply_to)
         if call is None:  # the runtime is closed: every lease has ended
-            ref = lease_ref_of(lease_ref)
+            ref = lease_ref if isinstance(lease_ref, str) else lease_ref_of(lease_ref)
             deliver(self.reply_to, ref, value=False)
             return ref
         return self._send(call)

@@ -233,9 +233,10 @@ class Calls:
         return Call(message, reply, timeout, f"instance {spec.alias}", rid, spec)
 
     def renew(self, lease: LeaseLike, ttl_ms: int | None, reply: Reply) -> Call:
-        """``lease`` is a ref, a :class:`Lease` or a leased endpoint."""
+        """``lease`` is a ref, a :class:`Lease` or a leased endpoint (any string is a
+        ref: one never granted is not found, as the contract says)."""
         self._check_open()
-        lease_ref = lease_ref_of(lease)
+        lease_ref = lease if isinstance(lease, str) else lease_ref_of(lease)
         if ttl_ms is not None:
             check_ttl(ttl_ms)
         message = RenewLease(lease_ref=lease_ref, ttl_ms=ttl_ms, reply=reply)
@@ -243,7 +244,7 @@ class Calls:
 
     def release(self, lease: LeaseLike, reply: Reply) -> Call | None:
         """None when the runtime is closed: every lease has ended then."""
-        lease_ref = lease_ref_of(lease)
+        lease_ref = lease if isinstance(lease, str) else lease_ref_of(lease)
         if self._closed():
             return None
         message = ReleaseLease(lease_ref=lease_ref, reply=reply)
