@@ -93,6 +93,17 @@ def _capacity_for_one(estimate: MemoryNeed, measured: MemoryNeed) -> Capacity:
     return Capacity(ram_mib=shared + estimate.ram_mib + 0.5 * measured.ram_mib)
 
 
+def _router(ctx: Context, folder: Path) -> _servers.Router:
+    """llama.cpp's router offering both identities, started (none loaded yet), with the
+    runtime's spec flags."""
+    binary, model = ctx.real_paths()
+    router = _servers.Router(
+        binary, model, folder, "--ctx-size", "512", "--threads", "2", names=("bench-a", "bench-b")
+    )
+    router.start()
+    return router
+
+
 class _Evictions:
     """Counts ``instance_evicted`` and when each came (the receiver only records)."""
 
@@ -148,12 +159,7 @@ def _switch(
     arms["runtime"] = through_runtime
     router: _servers.Router | None = None
     if ctx.real:
-        binary, model = ctx.real_paths()
-        router = _servers.Router(
-            binary, model, folder / "router", "--ctx-size", "512", "--threads", "2",
-            names=("bench-a", "bench-b"),
-        )  # fmt: skip
-        router.start()
+        router = _router(ctx, folder / "router")
         _first_token(client, router.base_url, {}, "bench-a")  # one model loaded
         live_router = router
 
@@ -260,12 +266,7 @@ def _during_generation(
     arms["runtime"] = through_runtime
     router: _servers.Router | None = None
     if ctx.real:
-        binary, model = ctx.real_paths()
-        router = _servers.Router(
-            binary, model, folder / "router-long", "--ctx-size", "512", "--threads", "2",
-            names=("bench-a", "bench-b"),
-        )  # fmt: skip
-        router.start()
+        router = _router(ctx, folder / "router-long")
         live_router = router
 
         def through_router() -> dict[str, float]:
