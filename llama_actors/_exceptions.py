@@ -22,6 +22,9 @@ wrong, with which value (secrets masked), and what to do about it::
     │   ├── InstanceNotFoundError  no instance with that id in this runtime
     │   ├── NotReadyError          not ready, or draining, so it cannot serve this call
     │   └── InstanceFailedError    supervision gave up on it (``reason`` says why)
+    │       └── HostLostError        the host it ran on was lost (``host_id``)
+    ├── HostError                about the runtime's hosts (``host_id`` when one is meant)
+    │   └── NoHostError            no host that is up may run the spec (labels, GPUs)
     ├── LeaseError               about one lease (``lease_ref``)
     │   ├── LeaseNotFoundError     unknown, released, or ended with its instance
     │   ├── LeaseExpiredError      its TTL ran out before it was renewed
@@ -30,6 +33,7 @@ wrong, with which value (secrets masked), and what to do about it::
     ├── SignalOverflowError      a signal stream's consumer fell too far behind
     ├── MetricsUnavailableError  prometheus-client is missing (also an ``ImportError``)
     ├── OpenAIUnavailableError   openai is missing (also an ``ImportError``)
+    ├── RayUnavailableError      ray is missing, for llama_actors.ray (also an ``ImportError``)
     ├── UsageError               a call got a value it cannot use (also a ``ValueError``)
     └── WaitTimeoutError         a wait ran out of time (also a ``TimeoutError``)
 """
@@ -47,6 +51,8 @@ __all__ = [
     "BinaryNotFoundError",
     "BinaryProbeError",
     "BootSpecError",
+    "HostError",
+    "HostLostError",
     "IncompatibleError",
     "InstanceError",
     "InstanceFailedError",
@@ -60,10 +66,12 @@ __all__ = [
     "ManifestError",
     "MetricsUnavailableError",
     "ModelFileError",
+    "NoHostError",
     "NotReadyError",
     "OpenAIUnavailableError",
     "PortInUseError",
     "PortNotBoundError",
+    "RayUnavailableError",
     "ReadinessTimeoutError",
     "RuntimeClosedError",
     "ServerExitedError",
@@ -75,8 +83,20 @@ __all__ = [
 ]
 
 
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class LlamaActorsError(Exception):
     """Base class of every error raised on purpose by llama_actors."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields (instance_id, need, ...) survive pickling, so an error
+        # raised on a host reaches the head whole.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class BootSpecError(LlamaActorsError):
@@ -258,6 +278,28 @@ class InstanceFailedError(InstanceError):
         super().__init__(message, instance_id=instance_id)
 
 
+class HostLostError(InstanceFailedError):
+    """The host the instance ran on stopped answering the head's checks; its leases
+    ended with reason ``host lost``, and a new resolve places the spec on another host."""
+
+    def __init__(self, message: str, *, instance_id: str, host_id: str) -> None:
+        self.host_id = host_id
+        super().__init__(message, instance_id=instance_id, reason="host lost")
+
+
+class HostError(LlamaActorsError):
+    """Something about the runtime's hosts; ``host_id`` names one when one is meant."""
+
+    def __init__(self, message: str, *, host_id: str | None = None) -> None:
+        self.host_id = host_id
+        super().__init__(message)
+
+
+class NoHostError(HostError):
+    """No host that is up may run the spec: none has its ``host_labels`` and
+    ``host_gpus``, or every host is lost."""
+
+
 class LeaseError(LlamaActorsError):
     """Something about one lease; ``lease_ref`` names it."""
 
@@ -302,6 +344,11 @@ class MetricsUnavailableError(LlamaActorsError, ImportError):
 class OpenAIUnavailableError(LlamaActorsError, ImportError):
     """The ``openai`` package is not installed, so :func:`llama_actors.clients.openai_client`
     (and its async twin) cannot build a client; ``pip install openai``."""
+
+
+class RayUnavailableError(LlamaActorsError, ImportError):
+    """The ``ray`` package is not installed, so :mod:`llama_actors.ray` cannot reach
+    hosts; ``pip install 'llama-actors[ray]'``."""
 
 
 class UsageError(LlamaActorsError, ValueError):

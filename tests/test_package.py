@@ -157,8 +157,8 @@ def _all_modules() -> list[ModuleType]:
 
 #: Each private layer's rank: a module may import its own layer and the ones below.
 LAYERS = {"_exceptions": 0, "_base": 0, "_process": 1, "_kernel": 2, "_llama": 3, "_backends": 4}
-LAYERS |= {"_runtime": 5, "_cli": 6}
-PUBLIC_RANK = 7  # llama_actors, lowlevel, signals, metrics, clients, testing
+LAYERS |= {"_runtime": 5, "_hosts": 6, "_cli": 7}
+PUBLIC_RANK = 8  # llama_actors, lowlevel, signals, metrics, clients, testing
 
 
 def rank(module: str) -> int:

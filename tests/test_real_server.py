@@ -58,6 +58,8 @@ stop_timeout_ms = 2000
 execution_surface = "local_subprocess"
 extra_args = ["--no-webui", "--seed", "7"]
 launcher_args = []
+host_labels = {{ zone = "a" }}
+host_gpus = 0
 metadata = {{ owner = "tests" }}
 
 [backends.everything.environment]

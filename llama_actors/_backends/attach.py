@@ -246,6 +246,7 @@ class AttachBackend(BackendBase):
     or restarted."""
 
     name = ATTACH
+    launches = False
 
     def spec(self, data: Mapping[str, Any] | BackendSpec) -> AttachSpec:
         if isinstance(data, AttachSpec | Mapping):

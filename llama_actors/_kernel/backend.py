@@ -140,9 +140,12 @@ class BackendBase:
     from llama-server-style ``/slots`` and ``/metrics`` (a server without them is not
     asked again), the process seam's exit classification, and an endpoint built from
     the manifest and the spec's URLs. Subclasses set ``name`` and define ``spec``,
-    ``manifest`` and ``launch``."""
+    ``manifest`` and ``launch``. ``launches`` says whether it starts servers (False
+    for one that only attaches to running ones): with hosts, only those are placed on
+    a host, and their plans are rendered there."""
 
     name: str = ""
+    launches: bool = True
 
     def manifest(self, spec: BackendSpec | None = None) -> BackendManifest:
         raise NotImplementedError

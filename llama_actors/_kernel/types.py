@@ -16,6 +16,7 @@ __all__ = [
     "EndpointUrls",
     "Ensured",
     "Health",
+    "HostStatus",
     "InstanceMemory",
     "InstanceState",
     "Lease",
@@ -149,7 +150,8 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     reason and cause of its last change: ``saturated`` is not sickness). ``load`` is
     the last reading of the server's slots and metrics (None when it offers none, or
     before the first reading). ``memory`` holds its estimate and measured memory.
-    ``metadata`` is the spec's own ``metadata``.
+    ``metadata`` is the spec's own ``metadata``. ``host`` names the host it runs on
+    (``local`` without hosts); ``pid`` and ``log_path`` are that host's.
     """
 
     instance_id: str
@@ -169,6 +171,7 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     load: ServerLoad | None = None
     memory: InstanceMemory = InstanceMemory()
     metadata: dict[str, Any] = {}
+    host: str = "local"
 
 
 class Resolution(msgspec.Struct, frozen=True, kw_only=True):
@@ -191,6 +194,32 @@ class Ensured(msgspec.Struct, frozen=True, kw_only=True):
 
     instance: RuntimeSnapshot
     reused: bool
+
+
+class HostStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A frozen picture of one host of a runtime with hosts (CONTRACT §12).
+
+    ``state`` is ``up`` while its agent answers the head's checks and ``lost`` once it
+    missed too many (``lost_reason`` says how). ``address`` is what its servers bind
+    and publish; ``labels`` its node labels; ``capacity``, ``used`` and ``free`` its
+    memory per resource in MiB (``ram``, ``gpu0``...); ``gpus`` how many GPUs it has;
+    ``instances`` how many of the runtime's instances it runs now; ``last_answer_s``
+    how long ago its agent last answered (at the time of the read).
+    """
+
+    host_id: str
+    node_id: str
+    address: str
+    state: Literal["up", "lost"] = "up"
+    labels: dict[str, str] = {}
+    gpus: int = 0
+    capacity: dict[str, float] = {}
+    used: dict[str, float] = {}
+    free: dict[str, float] = {}
+    instances: int = 0
+    last_answer_s: float | None = None
+    lost_reason: str | None = None
+    agent_pid: int | None = None
 
 
 class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):

@@ -155,6 +155,8 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     execution_surface: Literal["local_subprocess"] = "local_subprocess"
     environment: dict[str, str] = {}
     extra_args: tuple[str, ...] = ()
+    host_labels: dict[str, str] = {}
+    host_gpus: int = 0
     metadata: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -549,6 +551,27 @@ def _environment(value: Any, field: str) -> dict[str, str]:
     return out
 
 
+def _host_labels(value: Any, field: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(field, value, "must be a table of label = value, such as {zone = 'a'}")
+    out: dict[str, str] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not name or not isinstance(item, str):
+            raise _fail(f"{field}.{name}", item, "labels are non-empty names with string values")
+        out[name] = item
+    return out
+
+
+def _host_gpus(value: Any, field: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(field, value, "must be a whole number of GPUs, 0 or more")
+    return value
+
+
 def _metadata(value: Any, field: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -604,6 +627,8 @@ _NORMALISERS: Mapping[str, _Normaliser] = {
     "execution_surface": _execution_surface,
     "environment": _environment,
     "extra_args": _extra_args,
+    "host_labels": _host_labels,
+    "host_gpus": _host_gpus,
     "metadata": _metadata,
 }
 

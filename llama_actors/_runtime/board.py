@@ -13,11 +13,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from llama_actors._kernel.load import ServerLoad
 from llama_actors._kernel.manifest import BackendManifest
 from llama_actors._kernel.types import (
     EndpointDescriptor,
     Health,
+    HostStatus,
     InstanceMemory,
     InstanceState,
     MemoryStatistics,
@@ -33,6 +36,7 @@ class _Row:
         "health",
         "health_cause",
         "health_reason",
+        "host",
         "instance_id",
         "instance_key",
         "last_error",
@@ -79,6 +83,7 @@ class _Row:
         self.log_path = log_path
         self.last_error: str | None = None
         self.endpoint: EndpointDescriptor | None = None
+        self.host = "local"
 
 
 class StatusBoard:
@@ -90,6 +95,8 @@ class StatusBoard:
         self._ready: dict[str, str] = {}  # instance_key -> the ready instance of it
         self._memory = MemoryStatistics()
         self._waiting_for_memory: dict[str, BaseException] = {}
+        self._hosts: dict[str, HostStatus] = {}
+        self._host_answers: dict[str, float] = {}
 
     def add(
         self,
@@ -101,13 +108,16 @@ class StatusBoard:
         metadata: Mapping[str, Any] | None = None,
         memory: InstanceMemory | None = None,
         created_at: float = 0.0,
+        host: str = "local",
     ) -> None:
         """A row for a new instance: what its backend offers (``manifest``, which
         ``lease_instance`` checks consumers against), its spec's ``metadata``, its
-        memory estimate, and when it was made (it counts as last used then)."""
+        memory estimate, when it was made (it counts as last used then) and the host
+        it runs on."""
         row = _Row(instance_id, instance_key, log_path, manifest, dict(metadata or {}))
         row.memory = memory or InstanceMemory()
         row.last_used = created_at
+        row.host = host
         with self._lock:
             self._rows[instance_id] = row
 
@@ -214,6 +224,27 @@ class StatusBoard:
         with self._lock:
             return self._waiting_for_memory.get(request_id)
 
+    def set_host(self, status: HostStatus) -> None:
+        """A host's row: joined, its memory changed, or lost (Supervisor)."""
+        with self._lock:
+            self._hosts[status.host_id] = status
+
+    def host_answered(self, host_id: str, at: float) -> None:
+        """The host's agent answered a check at ``at`` (monotonic; its HostMonitor)."""
+        with self._lock:
+            self._host_answers[host_id] = at
+
+    def hosts(self) -> list[HostStatus]:
+        """Every host of the runtime, up and lost, in the order they joined."""
+        now = time.monotonic()
+        with self._lock:
+            out = []
+            for host_id, status in self._hosts.items():
+                answered = self._host_answers.get(host_id)
+                age = None if answered is None else round(max(0.0, now - answered), 3)
+                out.append(msgspec.structs.replace(status, last_answer_s=age))
+            return out
+
     def usage(self, instance_id: str) -> tuple[int, float, InstanceState] | None:
         """Lease count, last use and state of ``instance_id`` (admission reads them)."""
         with self._lock:
@@ -305,4 +336,5 @@ class StatusBoard:
             load=row.load if row.state == "ready" else None,
             memory=row.memory,
             metadata=dict(row.metadata),
+            host=row.host,
         )

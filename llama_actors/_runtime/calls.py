@@ -30,7 +30,7 @@ from llama_actors._exceptions import (
     WaitTimeoutError,
 )
 from llama_actors._kernel.backend import Backend, BackendSpec
-from llama_actors._kernel.memory import MemoryNeed
+from llama_actors._kernel.memory import Gpu, MemoryNeed
 from llama_actors._kernel.policy import InstancePolicy
 from llama_actors._kernel.types import EndpointDescriptor, Lease
 from llama_actors._runtime.board import StatusBoard
@@ -53,6 +53,7 @@ from llama_actors._runtime.requests import (
     check_lease_options,
     check_ttl,
     instance_not_found,
+    launches,
     no_new_leases,
     prepare,
     request_id,
@@ -153,7 +154,8 @@ class Calls:
         ttl = check_ttl(self.lease_ttl_ms if ttl_ms is None else ttl_ms)
         lease_metadata = check_lease_options(renewable, metadata)
         _check_wait(wait_for_memory)
-        backend, spec, result, plan = prepare(spec, consumer)
+        backend, spec, result, plan = prepare(spec, consumer, hosted=self.ctx.hosted)
+        hosted = self.ctx.hosted and launches(backend)
         rid = request_id()
         message = Resolve(
             request_id=rid,
@@ -167,8 +169,10 @@ class Calls:
             metadata=lease_metadata,
             policy=policy or self.policy,
             reply=reply,
-            need=self._estimate(backend, spec),
+            need=None if hosted else self._estimate(backend, spec),
             wait_for_memory=wait_for_memory,
+            hosted=hosted,
+            needs=self._host_estimates(backend, spec) if hosted else {},
         )
         return Call(message, reply, timeout, f"an endpoint for {spec.alias}", rid, spec)
 
@@ -215,10 +219,14 @@ class Calls:
         timeout: float,
         reply: Reply,
         wait_for_memory: bool = True,
+        instance_id: str | None = None,
     ) -> Call:
+        """``instance_id`` (a host agent's call, for the head) starts exactly that
+        instance, never sharing one of the same spec."""
         self._check_open()
         _check_wait(wait_for_memory)
-        backend, spec, _, plan = prepare(spec, None)
+        backend, spec, _, plan = prepare(spec, None, hosted=self.ctx.hosted)
+        hosted = self.ctx.hosted and launches(backend)
         rid = request_id()
         message = Ensure(
             request_id=rid,
@@ -227,8 +235,11 @@ class Calls:
             plan=plan,
             policy=policy or self.policy,
             reply=reply,
-            need=self._estimate(backend, spec),
+            need=None if hosted else self._estimate(backend, spec),
             wait_for_memory=wait_for_memory,
+            hosted=hosted,
+            needs=self._host_estimates(backend, spec) if hosted else {},
+            instance_id=instance_id,
         )
         return Call(message, reply, timeout, f"instance {spec.alias}", rid, spec)
 
@@ -329,6 +340,30 @@ class Calls:
                 raise
             log.debug("no memory estimate for %s: %s", spec.alias, exc)
             return None
+
+    def _host_estimates(self, backend: Backend, spec: BackendSpec) -> dict[str, MemoryNeed]:
+        """The spec's estimate on each host (its GPUs decide where layers go), made
+        here as for a local one. Hosts with the same GPUs share one estimate. When a
+        host caps its memory, an estimate that cannot be made is the caller's error
+        (nothing is admitted unmeasured), as under a local capacity."""
+        if self.board.ready_endpoint(spec.instance_key) is not None:
+            return {}
+        out: dict[str, MemoryNeed] = {}
+        seen: dict[tuple[Gpu, ...], MemoryNeed | None] = {}
+        for host_id, capacity in self.ctx.host_capacity.items():
+            gpus = tuple(capacity.gpus or ())
+            if gpus not in seen:
+                try:
+                    seen[gpus] = backend.estimate_memory(spec, gpus)
+                except LlamaActorsError as exc:
+                    if any(c.limits() for c in self.ctx.host_capacity.values()):
+                        raise
+                    log.debug("no memory estimate for %s: %s", spec.alias, exc)
+                    seen[gpus] = None
+            need = seen[gpus]
+            if need is not None:
+                out[host_id] = need
+        return out
 
     def timed_out(self, call: Call) -> LlamaActorsError:
         """Abandon ``call`` and say what timed out (raise what this returns): an

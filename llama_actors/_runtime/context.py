@@ -39,6 +39,10 @@ class Context:
     capacity: Capacity | None = None
     #: The GPUs estimates place layers on: the capacity's, else what NVML found.
     gpus: tuple[Gpu, ...] = ()
+    #: The capacity of each host, by host id (empty: the runtime has no hosts).
+    host_capacity: dict[str, Capacity] = field(default_factory=dict)
+    #: Whether the runtime runs its servers on hosts (``Runtime(hosts=...)``).
+    hosted: bool = False
     supervisor: pykka.ActorRef[Any] | None = None
     broker: pykka.ActorRef[Any] | None = None
     threads: list[threading.Thread] = field(default_factory=list)

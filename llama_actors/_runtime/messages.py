@@ -21,6 +21,7 @@ from llama_actors._kernel.types import EndpointDescriptor, Health
 from llama_actors._process.plan import LaunchPlan
 
 __all__ = [
+    "AgentAnswered",
     "Boot",
     "CancelGrant",
     "CancelRequest",
@@ -34,6 +35,11 @@ __all__ = [
     "ExpireTick",
     "GrantLease",
     "HealthReport",
+    "HostCheckDue",
+    "HostEvent",
+    "HostEvents",
+    "HostJoined",
+    "HostLost",
     "IdleCheck",
     "IdleExpired",
     "InstanceFailed",
@@ -97,6 +103,10 @@ class Resolve(Message, frozen=True, tag=True, kw_only=True):
     reply: Any
     need: MemoryNeed | None = None
     wait_for_memory: bool = True
+    #: Placed on one of the runtime's hosts (the plan is rendered there, not here).
+    hosted: bool = False
+    #: The estimate on each host, by host id (its GPUs change where layers go).
+    needs: dict[str, MemoryNeed] = {}
 
 
 class LeaseInstance(Message, frozen=True, tag=True, kw_only=True):
@@ -121,6 +131,11 @@ class Ensure(Message, frozen=True, tag=True, kw_only=True):
     reply: Any
     need: MemoryNeed | None = None
     wait_for_memory: bool = True
+    hosted: bool = False
+    needs: dict[str, MemoryNeed] = {}
+    #: Start exactly this instance (a host agent: the head chose the id and the
+    #: identity is the head's to share), never joining one of the same spec.
+    instance_id: str | None = None
 
 
 class CancelRequest(Message, frozen=True, tag=True, kw_only=True):
@@ -150,6 +165,8 @@ class InstanceFailed(Message, frozen=True, tag=True, kw_only=True):
 
     instance_id: str
     error: Any
+    #: Why its leases end (``host lost`` when its host went).
+    lease_reason: str = "instance failed"
 
 
 class InstanceStopped(Message, frozen=True, tag=True, kw_only=True):
@@ -392,3 +409,55 @@ class DrainDeadline(Message, frozen=True, tag=True, kw_only=True):
 class InstanceGone(Message, frozen=True, tag=True, kw_only=True):
     instance_id: str
     reason: str
+
+
+# -- hosts (CONTRACT §12) ----------------------------------------------------------------
+
+
+class HostJoined(Message, frozen=True, tag=True, kw_only=True):
+    """A host's agent answered its first call: it may take instances."""
+
+    host_id: str
+    info: Any
+    agent: Any
+    monitor: Any
+
+
+class HostLost(Message, frozen=True, tag=True, kw_only=True):
+    """The head stopped hearing from a host's agent: its instances are gone."""
+
+    host_id: str
+    reason: str
+
+
+class HostEvents(Message, frozen=True, tag=True, kw_only=True):
+    """What a host's agent reported since the last poll, in order."""
+
+    host_id: str
+    events: tuple[Any, ...]
+
+
+class HostEvent(Message, frozen=True, tag=True, kw_only=True):
+    """One instance's transition on a host, as its agent saw it (``kind`` names it;
+    ``data`` holds the signal's keywords, or the instance's figures)."""
+
+    instance_id: str
+    kind: str
+    data: dict[str, Any] = {}
+
+
+class AgentAnswered(Message, frozen=True, tag=True, kw_only=True):
+    """A call to an agent completed (``error`` set when it failed)."""
+
+    call: str
+    token: int
+    value: Any = None
+    error: Any = None
+
+
+class HostCheckDue(Message, frozen=True, tag=True, kw_only=True):
+    """Time for a host's next check (``kind="check"``) or, after a failed events
+    poll, its next poll (``kind="poll"``)."""
+
+    token: int
+    kind: Literal["check", "poll"] = "check"

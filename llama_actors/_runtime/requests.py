@@ -31,6 +31,7 @@ __all__ = [
     "check_ttl",
     "consumer_manifest",
     "instance_not_found",
+    "launches",
     "no_new_leases",
     "prepare",
     "request_id",
@@ -69,18 +70,29 @@ class Prepared(NamedTuple):
     plan: LaunchPlan | None
 
 
-def prepare(spec: BackendSpec | Mapping[str, Any], consumer: Consumer | None) -> Prepared:
+def prepare(
+    spec: BackendSpec | Mapping[str, Any], consumer: Consumer | None, *, hosted: bool = False
+) -> Prepared:
     """Find the spec's backend, validate the spec, check ``consumer`` against the
     backend's manifest, and let the backend check that it can start (model file, binary,
     flags) and render its launch plan: bad input fails here, in the caller's thread,
     before anything is spawned. The plan travels with the request to the actor that
-    starts the server, which never renders again."""
+    starts the server, which never renders again. With ``hosted`` (a runtime with
+    hosts, for a backend that launches servers) nothing is rendered here: the host's
+    agent renders the plan for the binary that host has."""
     backend = resolve_backend(spec)
     checked = backend.spec(spec)
     result = compatibility(consumer_manifest(consumer), backend.manifest(checked))
     if not result.compatible:
         raise IncompatibleError(result)
+    if hosted and launches(backend):
+        return Prepared(backend, checked, result, None)
     return Prepared(backend, checked, result, backend.launch(checked))
+
+
+def launches(backend: Backend) -> bool:
+    """Whether ``backend`` starts servers (the attach backend does not)."""
+    return bool(getattr(backend, "launches", True))
 
 
 def request_id() -> str:

@@ -40,6 +40,7 @@ from llama_actors._kernel.probe_client import ProbeClient
 from llama_actors._kernel.types import (
     EndpointDescriptor,
     Ensured,
+    HostStatus,
     Lease,
     Resolution,
     RuntimeSnapshot,
@@ -50,7 +51,8 @@ from llama_actors._runtime.board import StatusBoard
 from llama_actors._runtime.broker import LeaseBroker
 from llama_actors._runtime.calls import Calls, LeaseLike
 from llama_actors._runtime.context import Context, tell
-from llama_actors._runtime.messages import Close
+from llama_actors._runtime.hosts import HostMonitor, HostSource
+from llama_actors._runtime.messages import Close, HostJoined
 from llama_actors._runtime.requests import Consumer, check_ttl
 from llama_actors._runtime.signals import health_changed, instance_failed, instance_stopped
 from llama_actors._runtime.supervisor import Supervisor
@@ -77,6 +79,12 @@ class Runtime:
     cap, estimates and measured figures are still kept): a new instance that does not
     fit evicts idle ones, waits for room, or fails with
     :class:`InsufficientMemoryError` (see guides/memory-and-admission.md).
+
+    ``hosts`` runs its servers on other hosts (``llama_actors.ray.RayHosts``): each
+    host's agent runs them there, while this runtime stays the one authority for
+    leases, health, signals and admission, and places each new instance by its spec's
+    ``host_labels`` and ``host_gpus`` and by fit (see guides/hosts.md). Attached
+    servers stay here. ``connect_timeout`` bounds reaching the hosts.
     """
 
     def __init__(
@@ -89,9 +97,12 @@ class Runtime:
         timers: Timers | None = None,
         rng: random.Random | None = None,
         capacity: Capacity | None = None,
+        hosts: HostSource | None = None,
+        connect_timeout: float = 60.0,
     ) -> None:
         check_ttl(lease_ttl_ms)
         _check_capacity(capacity)
+        _check_hosts(hosts)
         self.policy = policy or InstancePolicy()
         self.lease_ttl_ms = lease_ttl_ms
         self.ask_timeout = ask_timeout
@@ -112,8 +123,25 @@ class Runtime:
             capacity=capacity,
             gpus=_gpus(capacity),
         )
+        self._hosts = hosts
+        joined = hosts.connect(connect_timeout) if hosts is not None else []
+        if hosts is not None:
+            self._ctx.hosted = True
+            self._ctx.host_capacity = {info.host_id: info.capacity for _a, info in joined}
         self._ctx.broker = LeaseBroker.start(context=self._ctx)
-        self._ctx.supervisor = Supervisor.start(context=self._ctx)
+        self._ctx.supervisor = Supervisor.start(
+            context=self._ctx, placement=hosts.placement if hosts is not None else "spread"
+        )
+        for agent, info in joined:
+            monitor = HostMonitor.start(
+                host_id=info.host_id,
+                agent=agent,
+                interval_s=hosts.check_interval_s if hosts is not None else 1.0,
+                misses=hosts.lost_after_misses if hosts is not None else 2,
+                context=self._ctx,
+            )
+            joined_msg = HostJoined(host_id=info.host_id, info=info, agent=agent, monitor=monitor)
+            tell(self._ctx.supervisor, joined_msg)
         self._calls = Calls(
             self._ctx,
             lease_ttl_ms=lease_ttl_ms,
@@ -311,6 +339,11 @@ class Runtime:
             memory=self._ctx.board.memory_statistics(),
         )
 
+    def hosts(self) -> list[HostStatus]:
+        """Every host of this runtime (empty without hosts): up or lost, its address,
+        labels, memory and how many instances it runs; answers at once."""
+        return self._ctx.board.hosts()
+
     @property
     def capacity(self) -> Capacity | None:
         """The memory this runtime's instances may hold (None: not capped)."""
@@ -391,6 +424,11 @@ class Runtime:
             log.error("runtime close: instances did not stop within %gs; killing them", timeout)
         finally:
             self._shutdown_actors(timeout)
+            if self._hosts is not None:
+                try:
+                    self._hosts.close()
+                except Exception:
+                    log.exception("runtime close: closing the hosts failed")
 
     def _shutdown_actors(self, timeout: float) -> None:
         for ref in (self._ctx.supervisor, self._ctx.broker):
@@ -455,6 +493,14 @@ def _check_capacity(capacity: object) -> None:
         raise UsageError(
             "a Runtime with a capacity estimates each llama.cpp instance's memory from its "
             "GGUF header, which needs the gguf package: pip install 'llama-actors[memory]'"
+        )
+
+
+def _check_hosts(hosts: object) -> None:
+    if hosts is not None and not isinstance(hosts, HostSource):
+        raise UsageError(
+            "hosts must be a host source such as llama_actors.ray.RayHosts(address='auto') "
+            f"(got {hosts!r})"
         )
 
 

@@ -22,17 +22,20 @@ import pykka
 from llama_actors._exceptions import (
     InstanceNotFoundError,
     InsufficientMemoryError,
+    NoHostError,
     NotReadyError,
     RuntimeClosedError,
 )
 from llama_actors._kernel.admission import Admission, Holder, Verdict
 from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.memory import MemoryNeed
+from llama_actors._kernel.placement import HostView, Placed, PlacementPolicy, place
 from llama_actors._kernel.policy import InstancePolicy
-from llama_actors._kernel.types import Ensured, InstanceMemory, MemoryStatistics
+from llama_actors._kernel.types import Ensured, HostStatus, InstanceMemory, MemoryStatistics
 from llama_actors._runtime.actor import RuntimeActor
 from llama_actors._runtime.backend import BackendActor
 from llama_actors._runtime.context import Context, deliver, tell
+from llama_actors._runtime.hosts import AgentHandle, HostedInstance, HostInfo
 from llama_actors._runtime.messages import (
     Boot,
     CancelGrant,
@@ -44,6 +47,10 @@ from llama_actors._runtime.messages import (
     Evicted,
     EvictInstance,
     GrantLease,
+    HostEvent,
+    HostEvents,
+    HostJoined,
+    HostLost,
     IdleExpired,
     InstanceFailed,
     InstanceGone,
@@ -81,13 +88,27 @@ class _Instance:
     stop_reason: str = "stopped"
     stopping: bool = False
     done: bool = False
+    host: str = "local"
+
+
+@dataclass(eq=False)
+class _Host:
+    info: HostInfo
+    agent: AgentHandle
+    monitor: pykka.ActorRef[Any]
+    admission: Admission
+    up: bool = True
+    lost_reason: str | None = None
 
 
 class Supervisor(RuntimeActor):
     """The runtime's entry actor; see the module docstring."""
 
-    def __init__(self, *, context: Context) -> None:
+    def __init__(self, *, context: Context, placement: PlacementPolicy = "spread") -> None:
         super().__init__(context=context)
+        self.placement: PlacementPolicy = placement
+        #: The runtime's hosts (none: every instance is local), in the order they joined.
+        self.hosts: dict[str, _Host] = {}
         self.registry: dict[str, _Instance] = {}
         self.by_key: dict[str, str] = {}
         self.closing: Close | None = None
@@ -103,6 +124,8 @@ class Supervisor(RuntimeActor):
     def on_stop(self) -> None:
         for inst in self.registry.values():
             inst.ref.stop(block=False)
+        for host in self.hosts.values():
+            host.monitor.stop(block=False)
 
     def handle(self, message: Message) -> None:
         match message:
@@ -114,8 +137,8 @@ class Supervisor(RuntimeActor):
                 self._cancel(rid)
             case InstanceReady(instance_id=iid, endpoint=endpoint):
                 self._ready(iid, endpoint)
-            case InstanceFailed(instance_id=iid, error=error):
-                self._failed(iid, error)
+            case InstanceFailed(instance_id=iid, error=error, lease_reason=why):
+                self._failed(iid, error, why)
             case InstanceStopped(instance_id=iid):
                 self._stopped(iid)
             case StopRequest(instance_id=iid, reason=reason, drain_timeout_s=drain, reply=reply):
@@ -126,14 +149,24 @@ class Supervisor(RuntimeActor):
                     log.info("instance %s: idle shutdown after its last lease ended", iid)
                     self._begin_stop(iid, "idle: no lease held for idle_shutdown_ms", 0.0, None)
             case InstanceIdle():
-                if self.queue or self.admission.over():
+                if self.queue or any(a.over() for _h, a in self._admissions()):
                     self._pump()
             case Evicted(instance_id=iid, ok=ok):
                 self._evicted(iid, ok)
             case MemoryMeasured(instance_id=iid, measured=measured):
-                if iid in self.admission.held:
-                    self.admission.hold(iid, measured)
+                admission = self._admission_of(iid)
+                if iid in admission.held:
+                    admission.hold(iid, measured)
                     self._pump()
+            case HostJoined(host_id=host_id, info=info, agent=agent, monitor=monitor):
+                self._host_joined(host_id, info, agent, monitor)
+            case HostEvents(host_id=host_id, events=events):
+                for event in events:
+                    inst = self.registry.get(event.instance_id)
+                    if isinstance(event, HostEvent) and inst is not None and inst.host == host_id:
+                        tell(inst.ref, event)
+            case HostLost(host_id=host_id, reason=reason):
+                self._host_lost(host_id, reason, message)
             case OutcomeReported(instance_id=iid):
                 if (inst := self.registry.get(iid)) is not None:
                     tell(inst.ref, message)
@@ -151,7 +184,7 @@ class Supervisor(RuntimeActor):
         if self.closing is not None:
             deliver(msg.reply, msg.request_id, error=RuntimeClosedError("the runtime is closing"))
             return
-        iid = self.by_key.get(msg.spec.instance_key)
+        iid = None if _exact(msg) else self.by_key.get(msg.spec.instance_key)
         if iid is not None:
             self._join(iid, msg)
             return
@@ -174,33 +207,40 @@ class Supervisor(RuntimeActor):
     def _pump(self) -> None:
         """Admit waiting requests in order while they fit; evict for the first one that
         does not, or leave it waiting. Also evicts idle instances while a measured
-        figure has put the runtime past its capacity."""
-        if self.admission.over():
-            for iid in self.admission.relieve(self._holders()):
-                self._evict(iid, "the runtime is past its capacity after measuring", None)
+        figure has put a host past its capacity."""
+        for host_id, admission in self._admissions():
+            if admission.over():
+                for iid in admission.relieve(self._holders(host_id)):
+                    self._evict(iid, "the host is past its capacity after measuring", None)
         while self.queue and self.closing is None:
             rid, (msg, _since) = next(iter(self.queue.items()))
-            same = self.by_key.get(msg.spec.instance_key)
+            same = None if _exact(msg) else self.by_key.get(msg.spec.instance_key)
             if same is not None:  # started meanwhile for an earlier request: share it
                 self._dequeue(rid)
                 self._join(same, msg)
                 continue
-            need = msg.need or self._known_need(msg.spec.instance_key)
-            verdict = self.admission.check(need, self._holders())
+            placed = self._place(msg)
+            verdict = placed.verdict
+            if verdict is None:
+                self._dequeue(rid)
+                deliver(msg.reply, rid, error=self._no_host(msg, placed))
+                continue
+            host_id = placed.host_id or "local"
+            need = verdict.need
             if verdict.kind == "fits":
                 self._dequeue(rid)
-                iid = self._create(msg, need)
+                iid = self._create(msg, need, host_id)
                 self.registry[iid].creator = rid
                 self.registry[iid].waiting[rid] = msg
                 continue
             if verdict.kind == "never" or (not msg.wait_for_memory and verdict.kind == "wait"):
                 self._dequeue(rid)
-                deliver(msg.reply, rid, error=self._no_room(msg, verdict))
+                deliver(msg.reply, rid, error=self._no_room(msg, verdict, host_id))
                 continue
             for iid in verdict.evict:
                 if iid not in self.evicting:
                     self._evict(iid, self._eviction_reason(msg, need), msg)
-            self.ctx.board.waiting_for_memory(rid, self._no_room(msg, verdict))
+            self.ctx.board.waiting_for_memory(rid, self._no_room(msg, verdict, host_id))
             break
         # Behind a request that waits, one that was told not to wait fails now.
         for rid, (msg, _since) in list(self.queue.items())[1:] if self.closing is None else []:
@@ -217,22 +257,68 @@ class Supervisor(RuntimeActor):
                 deliver(msg.reply, rid, error=error)
         self._publish_memory()
 
+    def _place(self, msg: Resolve | Ensure) -> Placed:
+        """The host for a new instance of ``msg`` (``local`` unless it is hosted), with
+        admission's verdict for it there."""
+        if not msg.hosted:
+            need = msg.need or self._known_need(msg.spec.instance_key)
+            return Placed("fits", "local", self.admission.check(need, self._holders("local")))
+        views = []
+        for host_id, host in self.hosts.items():
+            need = msg.needs.get(host_id) or msg.need or self._known_need(msg.spec.instance_key)
+            views.append(
+                HostView(
+                    host_id=host_id,
+                    labels=host.info.labels,
+                    gpus=len(host.info.capacity.gpus or ()),
+                    instances=sum(
+                        1 for i in self.registry.values() if i.host == host_id and not i.done
+                    ),
+                    verdict=host.admission.check(need, self._holders(host_id)),
+                    up=host.up,
+                )
+            )
+        return place(
+            views,
+            labels=getattr(msg.spec, "host_labels", {}),
+            gpus=getattr(msg.spec, "host_gpus", 0),
+            policy=self.placement,
+        )
+
+    def _no_host(self, msg: Resolve | Ensure, placed: Placed) -> NoHostError:
+        return NoHostError(
+            f"no host may run {msg.spec.alias}: {placed.why}. Change the spec's host_labels "
+            "or host_gpus, or add a host that has them (see guides/hosts.md)"
+        )
+
+    def _admissions(self) -> list[tuple[str, Admission]]:
+        return [("local", self.admission)] + [
+            (host_id, host.admission) for host_id, host in self.hosts.items()
+        ]
+
+    def _admission_of(self, iid: str) -> Admission:
+        inst = self.registry.get(iid)
+        host = self.hosts.get(inst.host) if inst is not None else None
+        return host.admission if host is not None else self.admission
+
     def _known_need(self, key: str) -> MemoryNeed:
         """What an instance of ``key`` that is going (evicted or stopping) holds: the
         caller skipped the estimate because it saw that one ready."""
         for iid, inst in self.registry.items():
-            if inst.key == key and iid in self.admission.held:
-                return self.admission.held[iid]
+            admission = self._admission_of(iid)
+            if inst.key == key and iid in admission.held:
+                return admission.held[iid]
         return MemoryNeed()
 
     def _dequeue(self, request_id: str) -> None:
         self.queue.pop(request_id, None)
         self.ctx.board.waiting_for_memory(request_id, None)
 
-    def _holders(self) -> list[Holder]:
+    def _holders(self, host_id: str) -> list[Holder]:
         holders = []
+        admission = self.hosts[host_id].admission if host_id in self.hosts else self.admission
         for iid, inst in self.registry.items():
-            if inst.done or iid not in self.admission.held:
+            if inst.done or inst.host != host_id or iid not in admission.held:
                 continue
             leases, last_used, state = self.ctx.board.usage(iid) or (0, 0.0, "stopped")
             evictable = (
@@ -245,7 +331,7 @@ class Supervisor(RuntimeActor):
             holders.append(
                 Holder(
                     instance_id=iid,
-                    need=self.admission.held[iid],
+                    need=admission.held[iid],
                     state="stopping" if inst.stopping else state,
                     leases=leases,
                     evictable=evictable,
@@ -278,7 +364,7 @@ class Supervisor(RuntimeActor):
             self._pump()
             return
         self.evictions += 1
-        held = self.admission.held.get(iid, MemoryNeed())
+        held = self._admission_of(iid).held.get(iid, MemoryNeed())
         log.info("instance %s: %s", iid, reason)
         emit(
             instance_evicted,
@@ -294,8 +380,12 @@ class Supervisor(RuntimeActor):
     def _eviction_reason(self, msg: Resolve | Ensure, need: MemoryNeed) -> str:
         return f"evicted: no lease held; {msg.spec.alias} needs {need.describe()}"
 
-    def _no_room(self, msg: Resolve | Ensure, verdict: Verdict) -> InsufficientMemoryError:
-        cap = self.admission.capacity
+    def _no_room(
+        self, msg: Resolve | Ensure, verdict: Verdict, host_id: str = "local"
+    ) -> InsufficientMemoryError:
+        host = self.hosts.get(host_id)
+        cap = host.admission.capacity if host is not None else self.admission.capacity
+        where = f"host {host_id}'s" if host is not None else "this runtime's"
         need = verdict.need
         alias = msg.spec.alias
         free = ", ".join(f"{mib:.0f} MiB {_resource(r)}" for r, mib in verdict.free.items())
@@ -308,7 +398,7 @@ class Supervisor(RuntimeActor):
         )
         if verdict.kind == "never":
             text = (
-                f"{alias} needs {need.describe()}, more than this runtime's whole capacity "
+                f"{alias} needs {need.describe()}, more than {where} whole capacity "
                 f"({cap.describe()}); make the spec smaller (ctx_size, parallel, cache_type_k/v, "
                 "gpu_layers) or give the runtime a larger Capacity"
             )
@@ -329,6 +419,8 @@ class Supervisor(RuntimeActor):
         )
 
     def _publish_memory(self) -> None:
+        for host_id in self.hosts:
+            self._publish_host(host_id)
         self.ctx.board.set_memory_statistics(
             MemoryStatistics(
                 capacity=self.admission.capacity.limits(),
@@ -339,37 +431,58 @@ class Supervisor(RuntimeActor):
             )
         )
 
-    def _create(self, msg: Resolve | Ensure, need: MemoryNeed) -> str:
+    def _create(self, msg: Resolve | Ensure, need: MemoryNeed, host_id: str = "local") -> str:
         spec, policy = msg.spec, msg.policy
-        estimate = msg.need if msg.need is not None or need == MemoryNeed() else need
-        iid = f"{_slug(spec.alias)}-{secrets.token_hex(3)}"
-        self.admission.hold(iid, need)
+        given = msg.needs.get(host_id) or msg.need
+        estimate = given if given is not None or need == MemoryNeed() else need
+        iid = msg.instance_id if isinstance(msg, Ensure) and msg.instance_id else None
+        iid = iid or f"{_slug(spec.alias)}-{secrets.token_hex(3)}"
+        host = self.hosts.get(host_id)
+        (host.admission if host is not None else self.admission).hold(iid, need)
+        log_path = str(self.ctx.log_path(iid)) if msg.plan is not None else None
         self.ctx.board.add(
             iid,
             spec.instance_key,
-            str(self.ctx.log_path(iid)) if msg.plan is not None else None,
+            log_path,
             manifest=msg.backend.manifest(spec),
             metadata=spec.metadata,
             memory=InstanceMemory(estimate=estimate),
             created_at=self.ctx.timers.now(),
+            host=host_id,
         )
-        ref = BackendActor.start(
-            instance_id=iid,
-            backend=msg.backend,
-            spec=spec,
-            plan=msg.plan,
-            policy=policy,
-            context=self.ctx,
-            estimate=estimate,
+        ref: pykka.ActorRef[Any]
+        if host is not None:
+            ref = HostedInstance.start(
+                instance_id=iid,
+                host_id=host_id,
+                agent=host.agent,
+                spec=spec,
+                policy=policy,
+                context=self.ctx,
+                estimate=estimate,
+            )
+        else:
+            ref = BackendActor.start(
+                instance_id=iid,
+                backend=msg.backend,
+                spec=spec,
+                plan=msg.plan,
+                policy=policy,
+                context=self.ctx,
+                estimate=estimate,
+            )
+        self.registry[iid] = _Instance(
+            ref=ref, key=spec.instance_key, spec=spec, policy=policy, host=host_id
         )
-        self.registry[iid] = _Instance(ref=ref, key=spec.instance_key, spec=spec, policy=policy)
-        self.by_key[spec.instance_key] = iid
+        if not (isinstance(msg, Ensure) and msg.instance_id):
+            self.by_key[spec.instance_key] = iid
         tell(
             self.ctx.broker,
             TrackInstance(instance_id=iid, idle_shutdown_s=policy.idle_shutdown_s),
         )
         tell(ref, Boot())
-        log.info("instance %s: starting for %s", iid, spec.alias)
+        where = f" on host {host_id}" if host is not None else ""
+        log.info("instance %s: starting for %s%s", iid, spec.alias, where)
         return iid
 
     def _lease_instance(self, msg: LeaseInstance) -> None:
@@ -422,7 +535,7 @@ class Supervisor(RuntimeActor):
             # The caller that caused the spawn gets reused=False; those who joined, True.
             self._serve(iid, msg, endpoint, reused=msg.request_id != inst.creator)
 
-    def _failed(self, iid: str, error: BaseException) -> None:
+    def _failed(self, iid: str, error: BaseException, lease_reason: str) -> None:
         inst = self.registry.get(iid)
         if inst is None:
             return
@@ -430,7 +543,7 @@ class Supervisor(RuntimeActor):
         waiting, inst.waiting = inst.waiting, {}
         for msg in waiting.values():
             deliver(msg.reply, msg.request_id, error=error)
-        tell(self.ctx.broker, InstanceGone(instance_id=iid, reason="instance failed"))
+        tell(self.ctx.broker, InstanceGone(instance_id=iid, reason=lease_reason))
         # Wind it down, even mid-drain (the drain ends with InstanceGone): its
         # InstanceStopped follows once the process is gone. A second stop is ignored.
         inst.stopping = True
@@ -456,7 +569,7 @@ class Supervisor(RuntimeActor):
             deliver(reply, rid, value=self.ctx.board.snapshot(iid))
         inst.stop_replies.clear()
         inst.ref.stop(block=False)
-        self.admission.release(iid)
+        self._admission_of(iid).release(iid)
         self.evicting.pop(iid, None)
         self._evicting_for.pop(iid, None)
         self._prune()
@@ -472,6 +585,52 @@ class Supervisor(RuntimeActor):
     def _forget_key(self, inst: _Instance, iid: str) -> None:
         if self.by_key.get(inst.key) == iid:
             del self.by_key[inst.key]
+
+    # -- hosts --------------------------------------------------------------------------
+
+    def _host_joined(
+        self, host_id: str, info: HostInfo, agent: AgentHandle, monitor: pykka.ActorRef[Any]
+    ) -> None:
+        self.hosts[host_id] = _Host(
+            info=info, agent=agent, monitor=monitor, admission=Admission(info.capacity)
+        )
+        log.info("host %s joined (%s, %s)", host_id, info.address, info.capacity.describe())
+        self._publish_host(host_id)
+        self._pump()
+
+    def _host_lost(self, host_id: str, reason: str, message: HostLost) -> None:
+        host = self.hosts.get(host_id)
+        if host is None or not host.up:
+            return
+        host.up, host.lost_reason = False, reason
+        for iid, inst in self.registry.items():
+            if inst.host == host_id and not inst.done:
+                self._forget_key(inst, iid)
+                tell(inst.ref, message)
+        self._publish_host(host_id)
+        self._pump()
+
+    def _publish_host(self, host_id: str) -> None:
+        host = self.hosts[host_id]
+        info, admission = host.info, host.admission
+        self.ctx.board.set_host(
+            HostStatus(
+                host_id=host_id,
+                node_id=info.node_id,
+                address=info.address,
+                state="up" if host.up else "lost",
+                labels=dict(info.labels),
+                gpus=len(info.capacity.gpus or ()),
+                capacity=admission.capacity.limits(),
+                used={r: round(v, 2) for r, v in admission.used().items()},
+                free={r: round(v, 2) for r, v in admission.free().items()},
+                instances=sum(
+                    1 for i in self.registry.values() if i.host == host_id and not i.done
+                ),
+                lost_reason=host.lost_reason,
+                agent_pid=info.agent_pid,
+            )
+        )
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -526,6 +685,11 @@ class Supervisor(RuntimeActor):
             return
         if all(inst.done for inst in self.registry.values()):
             deliver(self.closing.reply, "close", value=None)
+
+
+def _exact(msg: Resolve | Ensure) -> bool:
+    """An ensure of one given instance id (from the head, on a host): never shared."""
+    return isinstance(msg, Ensure) and msg.instance_id is not None
 
 
 def _resource(name: str) -> str:
