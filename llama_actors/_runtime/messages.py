@@ -38,7 +38,6 @@ __all__ = [
     "HostCheckDue",
     "HostEvent",
     "HostEvents",
-    "HostJoined",
     "HostLost",
     "IdleCheck",
     "IdleExpired",
@@ -412,15 +411,6 @@ class InstanceGone(Message, frozen=True, tag=True, kw_only=True):
 
 
 # -- hosts (CONTRACT §12) ----------------------------------------------------------------
-
-
-class HostJoined(Message, frozen=True, tag=True, kw_only=True):
-    """A host's agent answered its first call: it may take instances."""
-
-    host_id: str
-    info: Any
-    agent: Any
-    monitor: Any
 
 
 class HostLost(Message, frozen=True, tag=True, kw_only=True):

@@ -52,7 +52,7 @@ from llama_actors._runtime.broker import LeaseBroker
 from llama_actors._runtime.calls import Calls, LeaseLike
 from llama_actors._runtime.context import Context, tell
 from llama_actors._runtime.hosts import HostMonitor, HostSource
-from llama_actors._runtime.messages import Close, HostJoined
+from llama_actors._runtime.messages import Close
 from llama_actors._runtime.requests import Consumer, check_ttl
 from llama_actors._runtime.signals import health_changed, instance_failed, instance_stopped
 from llama_actors._runtime.supervisor import Supervisor
@@ -130,18 +130,20 @@ class Runtime:
             self._ctx.host_capacity = {info.host_id: info.capacity for _a, info in joined}
         self._ctx.broker = LeaseBroker.start(context=self._ctx)
         self._ctx.supervisor = Supervisor.start(
-            context=self._ctx, placement=hosts.placement if hosts is not None else "spread"
+            context=self._ctx,
+            placement=hosts.placement if hosts is not None else "spread",
+            hosts=joined,
         )
-        for agent, info in joined:
-            monitor = HostMonitor.start(
+        self._monitors = [
+            HostMonitor.start(
                 host_id=info.host_id,
                 agent=agent,
                 interval_s=hosts.check_interval_s if hosts is not None else 1.0,
                 misses=hosts.lost_after_misses if hosts is not None else 2,
                 context=self._ctx,
             )
-            joined_msg = HostJoined(host_id=info.host_id, info=info, agent=agent, monitor=monitor)
-            tell(self._ctx.supervisor, joined_msg)
+            for agent, info in joined
+        ]
         self._calls = Calls(
             self._ctx,
             lease_ttl_ms=lease_ttl_ms,
@@ -431,7 +433,7 @@ class Runtime:
                     log.exception("runtime close: closing the hosts failed")
 
     def _shutdown_actors(self, timeout: float) -> None:
-        for ref in (self._ctx.supervisor, self._ctx.broker):
+        for ref in (*self._monitors, self._ctx.supervisor, self._ctx.broker):
             if ref is not None:
                 with contextlib.suppress(pykka.Timeout, pykka.ActorDeadError):
                     ref.stop(block=True, timeout=timeout)

@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,6 @@ from llama_actors._runtime.messages import (
     GrantLease,
     HostEvent,
     HostEvents,
-    HostJoined,
     HostLost,
     IdleExpired,
     InstanceFailed,
@@ -95,7 +95,6 @@ class _Instance:
 class _Host:
     info: HostInfo
     agent: AgentHandle
-    monitor: pykka.ActorRef[Any]
     admission: Admission
     up: bool = True
     lost_reason: str | None = None
@@ -104,11 +103,20 @@ class _Host:
 class Supervisor(RuntimeActor):
     """The runtime's entry actor; see the module docstring."""
 
-    def __init__(self, *, context: Context, placement: PlacementPolicy = "spread") -> None:
+    def __init__(
+        self,
+        *,
+        context: Context,
+        placement: PlacementPolicy = "spread",
+        hosts: Sequence[tuple[AgentHandle, HostInfo]] = (),
+    ) -> None:
         super().__init__(context=context)
         self.placement: PlacementPolicy = placement
         #: The runtime's hosts (none: every instance is local), in the order they joined.
-        self.hosts: dict[str, _Host] = {}
+        self.hosts: dict[str, _Host] = {
+            info.host_id: _Host(info=info, agent=agent, admission=Admission(info.capacity))
+            for agent, info in hosts
+        }
         self.registry: dict[str, _Instance] = {}
         self.by_key: dict[str, str] = {}
         self.closing: Close | None = None
@@ -120,12 +128,17 @@ class Supervisor(RuntimeActor):
         self.evictions = 0
         self._evicting_for: dict[str, Resolve | Ensure | None] = {}
         self._publish_memory()
+        for host_id, host in self.hosts.items():
+            log.info(
+                "host %s joined (%s, %s)",
+                host_id,
+                host.info.address,
+                host.info.capacity.describe(),
+            )
 
     def on_stop(self) -> None:
         for inst in self.registry.values():
             inst.ref.stop(block=False)
-        for host in self.hosts.values():
-            host.monitor.stop(block=False)
 
     def handle(self, message: Message) -> None:
         match message:
@@ -158,8 +171,6 @@ class Supervisor(RuntimeActor):
                 if iid in admission.held:
                     admission.hold(iid, measured)
                     self._pump()
-            case HostJoined(host_id=host_id, info=info, agent=agent, monitor=monitor):
-                self._host_joined(host_id, info, agent, monitor)
             case HostEvents(host_id=host_id, events=events):
                 for event in events:
                     inst = self.registry.get(event.instance_id)
@@ -587,16 +598,6 @@ class Supervisor(RuntimeActor):
             del self.by_key[inst.key]
 
     # -- hosts --------------------------------------------------------------------------
-
-    def _host_joined(
-        self, host_id: str, info: HostInfo, agent: AgentHandle, monitor: pykka.ActorRef[Any]
-    ) -> None:
-        self.hosts[host_id] = _Host(
-            info=info, agent=agent, monitor=monitor, admission=Admission(info.capacity)
-        )
-        log.info("host %s joined (%s, %s)", host_id, info.address, info.capacity.describe())
-        self._publish_host(host_id)
-        self._pump()
 
     def _host_lost(self, host_id: str, reason: str, message: HostLost) -> None:
         host = self.hosts.get(host_id)
