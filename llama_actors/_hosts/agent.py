@@ -33,7 +33,7 @@ from llama_actors._exceptions import HostError, LlamaActorsError
 from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.memory import Capacity
 from llama_actors._kernel.policy import InstancePolicy
-from llama_actors._kernel.types import InstanceMemory
+from llama_actors._kernel.types import EndpointDescriptor, InstanceMemory
 from llama_actors._llama.boot_spec import BootSpec, boot_spec
 from llama_actors._runtime.context import tell
 from llama_actors._runtime.hosts import HostInfo
@@ -108,7 +108,9 @@ class HostAgent:
         self._cond = threading.Condition()
         self._events: list[HostEvent] = []
         self._first = 0  # the sequence number of self._events[0]
-        self._mine: set[str] = set()
+        #: The head's id of each instance this agent runs, by its id here
+        #: (``ID@HOST``: the head's own signals never look like this host's).
+        self._mine: dict[str, str] = {}
         #: Instances whose start is still awaited: a failure waits for its error.
         self._starting: dict[str, dict[str, Any]] = {}
         self._shown: dict[str, tuple[str | None, InstanceMemory]] = {}
@@ -154,10 +156,10 @@ class HostAgent:
                 policy=policy,
                 timeout=_START_TIMEOUT_S,
                 reply=_Answer(self, instance_id),
-                instance_id=instance_id,
+                instance_id=self._here(instance_id),
             )
             with self._cond:
-                self._mine.add(instance_id)
+                self._mine[self._here(instance_id)] = instance_id
                 self._starting[instance_id] = {}
             calls.send(call)
         except LlamaActorsError as exc:
@@ -168,15 +170,17 @@ class HostAgent:
     def stop(self, instance_id: str, reason: str) -> None:
         """Stop ``instance_id`` (the head drained it already): SIGTERM, then SIGKILL
         after its stop timeout. Its ``stopped`` event follows."""
-        if instance_id not in self.runtime._ctx.board:
+        here = self._here(instance_id)
+        if here not in self.runtime._ctx.board:
             self._record(instance_id, "stopped", {"reason": reason, "exit": None})
             return
         calls = self.runtime._calls
-        calls.send(calls.stop(instance_id, drain_timeout=0.0, timeout=None, reply=None))
+        calls.send(calls.stop(here, drain_timeout=0.0, timeout=None, reply=None))
 
     def report(self, instance_id: str, ok: bool, detail: str) -> None:
         """A caller's outcome on the instance, relayed by the head (it holds the lease)."""
-        message = OutcomeReported(instance_id=instance_id, lease_ref="", ok=ok, detail=detail)
+        here = self._here(instance_id)
+        message = OutcomeReported(instance_id=here, lease_ref="", ok=ok, detail=detail)
         tell(self.runtime._ctx.supervisor, message)
 
     def events(self, cursor: int, wait_s: float) -> tuple[int, list[HostEvent]]:
@@ -213,13 +217,20 @@ class HostAgent:
             changes["api_key"] = Secret(secrets.token_urlsafe(32))
         return boot_spec(msgspec.structs.replace(spec, **changes))
 
+    def _here(self, instance_id: str) -> str:
+        return f"{instance_id}@{self.host_id}"
+
     def _receiver(self, kind: str) -> Any:
-        def receive(sender: Any, **data: Any) -> None:
-            if sender not in self._mine:
+        def receive(here: Any, **data: Any) -> None:
+            sender = self._mine.get(here)
+            if sender is None:
                 return
             if kind == "restarting":
-                snap = self.runtime._ctx.board.snapshot(sender)
+                snap = self.runtime._ctx.board.snapshot(here)
                 data = {**data, "restart_count": snap.restart_count if snap else 0}
+            if kind == "ready" and isinstance(data.get("endpoint"), EndpointDescriptor):
+                endpoint = data["endpoint"]
+                data = {**data, "endpoint": _as_head(endpoint, here, sender)}
             with self._cond:
                 if kind == "ready":
                     self._starting.pop(sender, None)
@@ -254,8 +265,8 @@ class HostAgent:
             self._cond.notify_all()
 
     def _figures(self) -> None:
-        for iid in list(self._mine):
-            snap = self.runtime._ctx.board.snapshot(iid)
+        for here, iid in list(self._mine.items()):
+            snap = self.runtime._ctx.board.snapshot(here)
             if snap is None:
                 continue
             shown = (snap.phase, snap.memory)
@@ -267,6 +278,12 @@ class HostAgent:
                 self._record(iid, "phase", {"phase": snap.phase})
             if before is None or before[1] != snap.memory:
                 self._record(iid, "memory", {"memory": snap.memory})
+
+
+def _as_head(endpoint: EndpointDescriptor, here: str, instance_id: str) -> EndpointDescriptor:
+    """The endpoint as the head publishes it: named by the head's instance id."""
+    endpoint_id = endpoint.endpoint_id.replace(here, instance_id, 1)
+    return msgspec.structs.replace(endpoint, endpoint_id=endpoint_id)
 
 
 class _Answer(pykka.ThreadingFuture[Any]):

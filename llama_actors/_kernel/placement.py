@@ -99,4 +99,5 @@ def _no_candidate(up: Sequence[HostView], labels: Mapping[str, str], gpus: int) 
         f", {h.gpus} GPU{'s' if h.gpus != 1 else ''})"
         for h in up
     )
-    return f"no host that is up has {want} and at least {gpus} GPU(s); the hosts: {seen}"
+    gpu_text = f" and at least {gpus} GPU{'s' if gpus != 1 else ''}" if gpus else ""
+    return f"no host that is up has {want}{gpu_text}; the hosts that are up: {seen}"
