@@ -51,7 +51,7 @@ class LocalAgent:
             if self.cut.is_set():
                 return  # what a cut-off host says never arrives
             if done.exception() is not None:
-                answer.set_exception(done.exception())  # type: ignore[arg-type]
+                answer.set_exception(done.exception())
             else:
                 answer.set_result(done.result())
 

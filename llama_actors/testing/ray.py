@@ -11,6 +11,7 @@ One cluster costs about 1 GB and 5-10 s here (NOTES.md): share one per test modu
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -65,8 +66,8 @@ def local_cluster(
     connected to from this process unless ``connect`` is False; shut down after."""
     loopback_only()
     try:
-        import ray
-        from ray.cluster_utils import Cluster
+        ray: Any = importlib.import_module("ray")
+        Cluster: Any = importlib.import_module("ray.cluster_utils").Cluster
     except ImportError as exc:
         raise RayUnavailableError(
             "local_cluster needs the ray package: pip install 'llama-actors[ray]'"
