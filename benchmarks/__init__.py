@@ -12,4 +12,5 @@ BENCHMARKS = (
     "direct_vs_proxied",
     "probe_cost",
     "memory",
+    "hosts",
 )
