@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +11,7 @@ import psutil
 import pytest
 
 from llama_actors import BootSpecError, Capacity, Gpu, load_config, parse_config
-from llama_actors._cli.config import validate_config_file
+from llama_actors._cli.config import HostsConfig, validate_config_file
 
 
 def write(tmp_path: Path, text: str, name: str = "backends.toml") -> Path:
@@ -295,3 +297,180 @@ def test_a_capacity_that_is_not_a_table_and_the_backends_are_all_reported_by_che
     assert specs == {}
     assert [e.field for e in errors] == ["capacity", "backends.chat.port"]
     assert "must be a table: [capacity] with ram_mib = N" in str(errors[0])
+
+
+# -- the hosts to run the servers on: the [hosts] table -------------------------------------
+
+
+def test_a_hosts_table_gives_the_ray_hosts_settings_with_the_state_folder_beside_the_file(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        BACKEND
+        + """
+        [hosts]
+        address = "127.0.0.1:6379"
+        placement = "pack"
+        check_interval_ms = 250
+        lost_after_misses = 3
+        state_dir = "hosts-state"
+
+        [hosts.capacity]
+        ram_mib = 16000
+        gpus = [{index = 0, mib = 22000}]
+        """,
+    )
+    hosts = load_config(path).hosts
+    assert hosts == HostsConfig(
+        address="127.0.0.1:6379",
+        placement="pack",
+        check_interval_ms=250,
+        lost_after_misses=3,
+        state_dir=str(tmp_path / "hosts-state"),
+        capacity=Capacity(ram_mib=16000, gpus=(Gpu(index=0, mib=22000),)),
+    )
+    ray_hosts = hosts.ray_hosts()
+    assert (ray_hosts.address, ray_hosts.placement) == ("127.0.0.1:6379", "pack")
+    assert (ray_hosts.check_interval_ms, ray_hosts.lost_after_misses) == (250, 3)
+    assert ray_hosts.state_dir == str(tmp_path / "hosts-state")
+    assert ray_hosts.capacity == hosts.capacity
+
+
+def test_without_a_hosts_table_the_servers_run_here_and_an_empty_one_takes_the_defaults(
+    tmp_path: Path,
+) -> None:
+    assert load_config(write(tmp_path, BACKEND)).hosts is None
+    hosts = load_config(write(tmp_path, BACKEND + "[hosts]\n", name="h.toml")).hosts
+    assert hosts == HostsConfig()
+    assert (hosts.address, hosts.placement, hosts.capacity, hosts.state_dir) == (
+        "auto",
+        "spread",
+        None,  # each host's agent measures what its host has free
+        None,
+    )
+
+
+def test_an_empty_hosts_capacity_caps_nothing_on_any_host(tmp_path: Path) -> None:
+    path = write(tmp_path, BACKEND + "[hosts]\n[hosts.capacity]\n")
+    hosts = load_config(path).hosts
+    assert hosts is not None
+    assert hosts.capacity == Capacity()
+    assert hosts.capacity.limits() == {}
+
+
+def test_hosts_capacity_tables_give_each_named_host_its_own_capacity(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        BACKEND
+        + """
+        [hosts.capacity.gpu-box]
+        ram_mib = 64000
+        gpus = [{index = 0, mib = 22000, name = "RTX 4090"}]
+
+        [hosts.capacity.small]
+        ram_mib = 8000
+        """,
+    )
+    hosts = load_config(path).hosts
+    assert hosts is not None
+    assert hosts.capacity == {
+        "gpu-box": Capacity(
+            ram_mib=64000, gpus=(Gpu(index=0, mib=22000, name="RTX 4090"),), host="gpu-box"
+        ),
+        "small": Capacity(ram_mib=8000, host="small"),
+    }
+    assert hosts.ray_hosts()._capacity_of("small") == Capacity(ram_mib=8000, host="small")
+    assert hosts.ray_hosts()._capacity_of("other") is None  # it measures what it has free
+
+
+@pytest.mark.parametrize(
+    ("table", "field", "says"),
+    [
+        ("adress = 'auto'", "hosts.adress", "unknown hosts key; known: address, placement"),
+        ("address = 6379", "hosts.address", "must be the Ray cluster's address"),
+        ("address = ''", "hosts.address", 'must be the Ray cluster\'s address: "auto"'),
+        ("placement = 'random'", "hosts.placement", 'must be "spread"'),
+        ("check_interval_ms = 50", "hosts.check_interval_ms", "100 or more"),
+        ("check_interval_ms = 500.5", "hosts.check_interval_ms", "whole number"),
+        ("check_interval_ms = true", "hosts.check_interval_ms", "whole number"),
+        ("lost_after_misses = 0", "hosts.lost_after_misses", "1 or more"),
+        ("lost_after_misses = '2'", "hosts.lost_after_misses", "whole number"),
+        ("state_dir = 3", "hosts.state_dir", "must be a folder path"),
+        ("state_dir = ''", "hosts.state_dir", "must be a folder path"),
+        ("state_dir = '${NO_SUCH_STATE}/x'", "hosts.state_dir", "NO_SUCH_STATE is not set"),
+        ("capacity = 8000", "hosts.capacity", "must be a table: [hosts.capacity]"),
+        ("[hosts.capacity]\nram = 1", "hosts.capacity.ram", "unknown capacity key; known: ram_mib"),
+        ("[hosts.capacity]\nram_mib = 0", "hosts.capacity.ram_mib", "above 0"),
+        ("[hosts.capacity]\ndetect = true", "hosts.capacity.detect", "would measure this machine"),
+        (
+            "[hosts.capacity]\nheadroom_mib = 5",
+            "hosts.capacity.headroom_mib",
+            "would measure this machine",
+        ),
+        ("[hosts.capacity]\ngpus = [{index = 0}]", "hosts.capacity.gpus[0]", "needs mib"),
+        ("[hosts.capacity.a]\nram_mib = -1", "hosts.capacity.a.ram_mib", "above 0"),
+        ("[hosts.capacity.a]\nturbo = 1", "hosts.capacity.a.turbo", "unknown capacity key"),
+        (
+            "[hosts.capacity]\nram_mib = 100\n[hosts.capacity.a]\nram_mib = 50",
+            "hosts.capacity.ram_mib",
+            "mixes a key of one capacity for every host with [hosts.capacity.HOST] tables (a)",
+        ),
+    ],
+)
+def test_a_bad_hosts_table_is_an_error_naming_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, field: str, says: str
+) -> None:
+    monkeypatch.delenv("NO_SUCH_STATE", raising=False)
+    header = "" if table.startswith("[hosts.") else "[hosts]\n"
+    path = write(tmp_path, BACKEND + header + table + "\n")
+    with pytest.raises(BootSpecError) as caught:
+        load_config(path)
+    assert caught.value.field == field
+    assert caught.value.source == str(path)
+    assert says in str(caught.value)
+    assert str(caught.value).startswith(f"{path}: {field}: ")
+
+
+def test_every_bad_hosts_key_is_reported_by_check_with_the_backends(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "hosts = 3\n" + BACKEND,
+        name="not-a-table.toml",
+    )
+    assert [e.field for e in validate_config_file(path)[1]] == ["hosts"]
+    path = write(
+        tmp_path,
+        BACKEND
+        + "port = -1\n[hosts]\nplacement = 'x'\nlost_after_misses = 0\nzone = 'eu'\n"
+        + "[hosts.capacity.a]\nram_mib = 'lots'\n[hosts.capacity.b]\nram_mib = 0\n",
+    )
+    specs, errors = validate_config_file(path)
+    assert specs == {}
+    assert sorted(e.field for e in errors) == [
+        "backends.chat.port",
+        "hosts.capacity.a.ram_mib",
+        "hosts.capacity.b.ram_mib",
+        "hosts.lost_after_misses",
+        "hosts.placement",
+        "hosts.zone",
+    ]
+    assert all(e.source == str(path) for e in errors)
+
+
+def test_reading_a_hosts_table_and_building_its_ray_hosts_never_imports_ray(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, BACKEND + "[hosts]\naddress = '127.0.0.1:1'\n[hosts.capacity]\n")
+    script = (
+        "import sys\n"
+        "from llama_actors import load_config\n"
+        f"hosts = load_config({str(path)!r}).hosts.ray_hosts()\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+        "print(hosts)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "RayHosts(address='127.0.0.1:1', placement='spread')"

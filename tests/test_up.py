@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import msgspec
@@ -25,17 +25,28 @@ import pytest
 from llama_actors import (
     BootSpec,
     Capacity,
+    HostStatus,
     InstanceMemory,
     MemoryNeed,
     MemoryStatistics,
     Runtime,
 )
 from llama_actors._cli.config import Config
-from llama_actors._cli.up import BackendStatus, _Up, render_memory, render_table
+from llama_actors._cli.up import (
+    BackendStatus,
+    _Up,
+    describe_status,
+    read_status,
+    render_hosts,
+    render_memory,
+    render_table,
+    run_up,
+)
 from llama_actors._kernel.load import ServerLoad
 from llama_actors._llama.backend import LlamaCppBackend
 from llama_actors._runtime import backend as backend_actor
 from llama_actors.testing.fake import FAKE_SERVER, start_fake
+from llama_actors.testing.hosts import LocalHosts
 from llama_actors.testing.signals import SignalRecorder
 
 from ._helpers import FAST, WAIT, Fake
@@ -73,13 +84,16 @@ def write_config(folder: Path, *tables: str) -> Path:
 class Up:
     """A running ``llama-actors up`` whose stdout lines are read on a thread."""
 
-    def __init__(self, config: Path, state_dir: Path, *args: str) -> None:
+    def __init__(
+        self, config: Path, state_dir: Path, *args: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.process = subprocess.Popen(
             [CLI, "up", str(config), "--state-dir", str(state_dir), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=None if env is None else {**os.environ, **env},
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -775,3 +789,147 @@ def test_up_shows_a_live_table_in_a_terminal_and_ctrl_c_leaves_nothing_behind(
         assert not any(psutil.pid_exists(pid) for pid in pids)
     finally:
         subprocess.run([*tmux_at, "kill-server"], check=False)
+
+
+# -- hosts: the host column and the hosts section -----------------------------------------
+
+
+def test_the_table_has_a_host_column_after_health_when_the_backends_run_on_hosts() -> None:
+    rows = [
+        BackendStatus(name="chat", state="ready", health="healthy", port=8080, host="a"),
+        BackendStatus(name="embed", state="pending"),
+    ]
+    header, chat, embed = render_table(rows)
+    assert header.split()[:5] == ["backend", "state", "health", "host", "port"]
+    assert chat.split()[:5] == ["chat", "ready", "healthy", "a", "8080"]
+    assert embed.split()[:5] == ["embed", "pending", "unknown", "-", "-"]
+    # Without hosts there is no host column at all.
+    assert "host" not in render_table([BackendStatus(name="chat")])[0]
+
+
+def test_the_hosts_section_has_a_line_per_host_and_says_why_one_was_lost() -> None:
+    hosts = [
+        HostStatus(
+            host_id="a",
+            node_id="n1",
+            address="10.0.0.5",
+            labels={"zone": "x", "host": "a"},
+            capacity={"ram": 4000.0},
+            used={"ram": 300.0},
+            free={"ram": 3700.0},
+            instances=1,
+        ),
+        HostStatus(host_id="b", node_id="n2", address="10.0.0.6", used={"ram": 120.4}),
+        HostStatus(
+            host_id="host-1f2e3d4c",
+            node_id="1f2e3d4c55",
+            address="10.0.0.7",
+            state="lost",
+            lost_reason="no answer to 2 checks in a row",
+        ),
+    ]
+    lines = render_hosts(hosts)
+    assert lines[0] == "hosts: 3 (2 up, 1 lost)"
+    table = [line[2:] for line in lines[1:5]]
+    assert table[0].split() == ["host", "state", "address", "labels", "instances", "ram"]
+    assert [cell(table, i, "labels") for i in (1, 2, 3)] == ["zone=x", "-", "-"]
+    assert [cell(table, i, "ram") for i in (1, 2, 3)] == [
+        "3700/4000 MiB free",
+        "not capped (120 MiB used)",
+        "not capped",
+    ]
+    assert table[1].split()[:5] == ["a", "up", "10.0.0.5", "zone=x", "1"]
+    assert table[3].split()[:5] == ["host-1f2e3d4c", "lost", "10.0.0.7", "-", "0"]
+    assert lines[5] == "  host host-1f2e3d4c lost: no answer to 2 checks in a row"
+    assert render_hosts(None) == []  # up runs no hosts: no section
+
+
+def test_up_on_hosts_shows_where_each_backend_runs_and_when_a_host_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorder: SignalRecorder
+) -> None:
+    monkeypatch.setattr(
+        LlamaCppBackend, "estimate_memory", lambda self, spec, gpus: MemoryNeed(ram_mib=300.0)
+    )
+    monkeypatch.setattr(backend_actor, "_rss_mib", lambda pid: None)
+    specs = {
+        "chat": Fake(tmp_path / "chat").spec(alias="chat", host_labels={"zone": "x"}),
+        "embed": Fake(tmp_path / "embed").spec(alias="embed", host_labels={"zone": "y"}),
+    }
+    hosts = LocalHosts(
+        {"a": {"zone": "x"}, "b": {"zone": "y"}},
+        state_dir=tmp_path / "hosts",
+        capacity={"a": Capacity(ram_mib=4000, host="a"), "b": Capacity(ram_mib=2000, host="b")},
+        check_interval_ms=100,
+        lost_after_misses=2,
+    )
+    out = io.StringIO()
+    with Runtime(state_dir=tmp_path / "state", policy=FAST, hosts=hosts) as runtime:
+        up = _Up(
+            Config(source="up.toml", backends=specs),
+            list(specs),
+            runtime,
+            out,
+            live=False,
+            refresh_s=0.5,
+            abort_on_failure=False,
+        )
+        assert up.hold  # every host has a capacity: up leases its backends
+        up._ensure("chat")
+        up._ensure("embed")
+        rows = up.rows()
+        table = render_table(rows)
+        assert [cell(table, i, "host") for i in (1, 2)] == ["a", "b"]
+        assert [(r.state, r.leases) for r in rows] == [("ready", 1), ("ready", 1)]
+        assert "backend chat is instance chat-" in out.getvalue()
+        assert re.search(r"backend chat is instance chat-\S+ on host a \(log: ", out.getvalue())
+
+        shown = up.hosts()
+        assert "host a: up at 127.0.0.1 (3700/4000 MiB free)" in out.getvalue()
+        lines = render_hosts(shown)
+        assert lines[0] == "hosts: 2 (2 up, 0 lost)"
+        table = [line[2:] for line in lines[1:]]
+        assert [row.split()[:5] for row in table[1:]] == [
+            ["a", "up", "127.0.0.1", "zone=x", "1"],
+            ["b", "up", "127.0.0.1", "zone=y", "1"],
+        ]
+        assert [cell(table, i, "ram") for i in (1, 2)] == [
+            "3700/4000 MiB free",
+            "1700/2000 MiB free",
+        ]
+
+        # What status prints from the file a running up publishes.
+        up.publish(rows, runtime.statistics().memory, shown)
+        printed = io.StringIO()
+        assert describe_status(read_status(tmp_path / "state"), printed) == 0
+        text = printed.getvalue()
+        assert "  hosts: 2 (2 up, 0 lost)\n" in text
+        assert "    a     up     127.0.0.1  zone=x  1          3700/4000 MiB free\n" in text
+        assert "  backend  state  health   host  port" in text
+
+        hosts.cut("b")
+        recorder.wait_for("instance_failed", timeout=WAIT)
+        lines = render_hosts(up.hosts())
+        assert lines[0] == "hosts: 2 (1 up, 1 lost)"
+        assert lines[3].split()[:2] == ["b", "lost"]
+        assert lines[-1].startswith("  host b lost: ")
+        assert "host b: lost (" in out.getvalue()
+        assert up.finish() == 1  # embed failed for good with its host
+    assert "backend embed failed for good:" in out.getvalue()
+    assert "host lost" in out.getvalue()
+
+
+def test_run_up_runs_the_backends_on_the_hosts_it_is_given_and_says_each_host(
+    tmp_path: Path,
+) -> None:
+    spec = Fake(tmp_path / "broken").spec(alias="broken", behaviour={"exit_before_ready": "3"})
+    hosts = LocalHosts({"a": {}}, state_dir=tmp_path / "hosts")
+    out = io.StringIO()
+    config = Config(source="up.toml", backends={"broken": spec}, policies={"broken": FAST})
+    # Its only backend fails for good, so up exits 1 by itself.
+    assert run_up(config, state_dir=str(tmp_path / "state"), out=out, hosts=hosts) == 1
+    text = out.getvalue()
+    assert f"up: 1 backend(s) from up.toml on 1 host(s); state in {tmp_path / 'state'}" in text
+    assert "host a: up at 127.0.0.1 (not capped)" in text
+    assert re.search(r"backend broken is instance broken-\S+ on host a \(log: ", text), text
+    assert "backend broken failed for good:" in text
+    assert "stopped; nothing left running" in text

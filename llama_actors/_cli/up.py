@@ -20,6 +20,15 @@ measured figures, not estimates), and holds a lease on each (owner ``llama-actor
 renewed while it runs), so admission never evicts one backend to start another. A
 backend that does not fit beside those before it fails at once with
 :class:`~llama_actors.InsufficientMemoryError`, which says what holds the memory.
+
+With a ``[hosts]`` table the servers run on the hosts of a Ray cluster
+(:class:`~llama_actors.ray.RayHosts`). Every host has a capacity then (its own free
+memory, or ``[hosts.capacity]``), so ``up`` starts and leases its backends in turn as
+under a ``[capacity]``. The table gets a ``host`` column (after ``health``), and a
+``hosts`` section under it (here and in ``status``) has one line per host: its id,
+``up`` or ``lost``, its address, its labels, the instances it runs and its free RAM
+of its capacity (``3000/4000 MiB free``, or ``not capped``); a lost host's reason
+follows.
 """
 
 from __future__ import annotations
@@ -43,7 +52,13 @@ from llama_actors._base.state import default_state_dir
 from llama_actors._cli.config import Config
 from llama_actors._exceptions import LeaseExpiredError, LeaseNotFoundError, LlamaActorsError
 from llama_actors._kernel.memory import MemoryNeed
-from llama_actors._kernel.types import InstanceMemory, MemoryStatistics, RuntimeSnapshot
+from llama_actors._kernel.types import (
+    HostStatus,
+    InstanceMemory,
+    MemoryStatistics,
+    RuntimeSnapshot,
+)
+from llama_actors._runtime.hosts import HostSource
 from llama_actors._runtime.runtime import Runtime
 from llama_actors._runtime.signals import instance_failed
 
@@ -51,6 +66,7 @@ __all__ = [
     "BackendStatus",
     "UpStatus",
     "read_status",
+    "render_hosts",
     "render_memory",
     "render_table",
     "run_up",
@@ -60,6 +76,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
 COLUMNS = ("backend", "state", "health", "port", "pid", "leases", "restarts", "uptime")
 MEMORY_COLUMN = "memory"  # added after uptime once any backend has a memory figure
 SLOTS_COLUMN = "slots"  # added at the end once any backend's server tells its slots
+HOST_COLUMN = "host"  # added after health when the backends run on hosts
+HOSTS_COLUMNS = ("host", "state", "address", "labels", "instances", "ram")
 #: Who holds the leases ``up`` takes under a capacity, for how long, and how often
 #: they are renewed.
 LEASE_OWNER = "llama-actors up"
@@ -73,7 +91,8 @@ class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
     ``health_reason`` and ``health_cause`` say why ``health`` is what it is; while the
     server is saturated the reason has the latest figures. ``slots_busy`` and
     ``slots_total`` are None until its server tells them (``/slots``). ``memory`` is
-    the instance's estimate and measured memory (None before it exists).
+    the instance's estimate and measured memory (None before it exists). ``host``
+    names the host it runs on when ``up`` runs on hosts (None otherwise).
     """
 
     name: str
@@ -94,11 +113,13 @@ class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
     slots_busy: int | None = None
     slots_total: int | None = None
     memory: InstanceMemory | None = None
+    host: str | None = None
 
 
 class UpStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """What a running ``up`` publishes: who it is, its config, each backend, and the
-    runtime's memory (capacity, use, queue and evictions; None from an older ``up``)."""
+    """What a running ``up`` publishes: who it is, its config, each backend, the
+    runtime's memory (capacity, use, queue and evictions; None from an older ``up``)
+    and its hosts (None when it runs none)."""
 
     pid: int
     config: str | None
@@ -107,6 +128,7 @@ class UpStatus(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
     backends: list[BackendStatus]
     memory: MemoryStatistics | None = None
+    hosts: list[HostStatus] | None = None
 
 
 def status_dir(state_dir: Path) -> Path:
@@ -142,8 +164,11 @@ class _Up:
         self.announced: set[str] = set()
         self.measured: set[str] = set()
         self.status_file = status_dir(runtime.state_dir) / f"{os.getpid()}.json"
+        #: Whether the runtime runs its servers on hosts (each then has a capacity).
+        self.hosted = bool(runtime.hosts())
+        self.host_states: dict[str, str] = {}
         # Under a capacity each backend is leased, so none is evicted for another.
-        self.hold = runtime.capacity is not None
+        self.hold = runtime.capacity is not None or self.hosted
         self.leases: dict[str, tuple[str, float]] = {}  # name -> (lease ref, renewed at)
         self.lock = threading.Lock()
 
@@ -229,8 +254,9 @@ class _Up:
             self.renew()
             rows = self.rows()
             memory = self.runtime.statistics().memory
-            self.publish(rows, memory)
-            self.show(rows, memory)
+            hosts = self.hosts()
+            self.publish(rows, memory, hosts)
+            self.show(rows, memory, hosts)
             failed = [r for r in rows if r.state == "failed"]
             if failed and (self.abort_on_failure or len(failed) == len(rows)):
                 break
@@ -294,18 +320,40 @@ class _Up:
                     slots_busy=load.slots_busy if load is not None else None,
                     slots_total=load.slots_total if load is not None else None,
                     memory=snap.memory,
+                    host=snap.host if self.hosted else None,
                 )
             )
             if snap.instance_id not in self.announced:
                 self.announced.add(snap.instance_id)
-                where = f"log: {snap.log_path}" if snap.log_path else "attached: no process"
-                self.say(f"backend {name} is instance {snap.instance_id} ({where})")
+                on = f" on host {snap.host}" if self.hosted and snap.host != "local" else ""
+                self.say(f"backend {name} is instance {snap.instance_id}{on} ({_log(snap)})")
             if snap.memory.measured is not None and snap.instance_id not in self.measured:
                 self.measured.add(snap.instance_id)
                 self.say(f"backend {name} memory: {memory_text(snap.memory)}")
         return rows
 
-    def publish(self, rows: list[BackendStatus], memory: MemoryStatistics) -> None:
+    def hosts(self) -> list[HostStatus] | None:
+        """The runtime's hosts (None without any); says each host as it joins and as it
+        is lost."""
+        if not self.hosted:
+            return None
+        hosts = self.runtime.hosts()
+        for host in hosts:
+            if self.host_states.get(host.host_id) == host.state:
+                continue
+            self.host_states[host.host_id] = host.state
+            if host.state == "up":
+                self.say(f"host {host.host_id}: up at {host.address} ({_host_ram(host)})")
+            else:
+                self.say(f"host {host.host_id}: lost ({host.lost_reason or 'no reason given'})")
+        return hosts
+
+    def publish(
+        self,
+        rows: list[BackendStatus],
+        memory: MemoryStatistics,
+        hosts: list[HostStatus] | None = None,
+    ) -> None:
         status = UpStatus(
             pid=os.getpid(),
             config=self.config.source,
@@ -314,6 +362,7 @@ class _Up:
             updated_at=time.time(),
             backends=rows,
             memory=memory,
+            hosts=hosts,
         )
         try:
             self.status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -327,13 +376,19 @@ class _Up:
                 exc,
             )
 
-    def show(self, rows: list[BackendStatus], memory: MemoryStatistics) -> None:
+    def show(
+        self,
+        rows: list[BackendStatus],
+        memory: MemoryStatistics,
+        hosts: list[HostStatus] | None = None,
+    ) -> None:
         if not self.live:
             return
         # Cursor home, then each line cleared to its end, then the rest of the screen.
         lines = [f"llama-actors up {self.config.source}  (Ctrl-C stops everything)", ""]
         lines += render_table(rows)
         lines += render_memory(memory)
+        lines += render_hosts(hosts)
         lines += [""] + [f"{r.name}: {r.error or r.log_path or '-'}" for r in rows]
         lines += ["", "recent:"] + [f"  {e}" for e in self.events]
         text = "\x1b[H" + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J"
@@ -355,13 +410,17 @@ class _Up:
 
 
 def render_table(rows: Sequence[BackendStatus]) -> list[str]:
-    """The status table as lines of text, one row per backend; with a ``memory`` column
-    once any backend has a memory figure, and a ``slots`` column (busy/total) once any
-    backend's server tells its slots."""
+    """The status table as lines of text, one row per backend; with a ``host`` column
+    after ``health`` when the backends run on hosts, a ``memory`` column once any
+    backend has a memory figure, and a ``slots`` column (busy/total) once any backend's
+    server tells its slots."""
     memory = any(r.memory is not None and r.memory.held is not None for r in rows)
     slots = any(r.slots_total is not None for r in rows)
+    hosted = any(r.host is not None for r in rows)
     header = (
-        *COLUMNS,
+        *COLUMNS[:3],
+        *((HOST_COLUMN,) if hosted else ()),
+        *COLUMNS[3:],
         *((MEMORY_COLUMN,) if memory else ()),
         *((SLOTS_COLUMN,) if slots else ()),
     )
@@ -370,6 +429,7 @@ def render_table(rows: Sequence[BackendStatus]) -> list[str]:
             r.name,
             r.state if r.phase is None else f"{r.state} ({r.phase})",
             _health(r),
+            *((_dash(r.host),) if hosted else ()),
             _dash(r.port),
             _dash(r.pid),
             str(r.leases),
@@ -403,6 +463,62 @@ def render_memory(memory: MemoryStatistics | None) -> list[str]:
     ]
     evictions = "1 eviction" if memory.evictions == 1 else f"{memory.evictions} evictions"
     return [f"memory: {', '.join(parts)}; {memory.queued} queued; {evictions}"]
+
+
+def render_hosts(hosts: Sequence[HostStatus] | None) -> list[str]:
+    """The ``hosts`` section: a title line, then a table with one line per host (id,
+    ``up`` or ``lost``, address, labels, instances, free RAM of its capacity), then why
+    each lost host was lost; nothing when ``up`` runs no hosts."""
+    if hosts is None:
+        return []
+    up = sum(h.state == "up" for h in hosts)
+    title = f"hosts: {len(hosts)} ({up} up, {len(hosts) - up} lost)"
+    cells = [HOSTS_COLUMNS] + [
+        (
+            h.host_id,
+            h.state,
+            h.address,
+            _labels(h),
+            str(h.instances),
+            _host_ram(h),
+        )
+        for h in hosts
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(HOSTS_COLUMNS))]
+    lines = [title] + [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
+    lines += [
+        f"  host {h.host_id} lost: {h.lost_reason or 'no reason given'}"
+        for h in hosts
+        if h.state == "lost"
+    ]
+    return lines
+
+
+def _labels(host: HostStatus) -> str:
+    """``zone=x,gpu=a100``: the host's labels but its ``host`` label (its id already)."""
+    shown = {k: v for k, v in host.labels.items() if not (k == "host" and v == host.host_id)}
+    return ",".join(f"{k}={v}" for k, v in sorted(shown.items())) or "-"
+
+
+def _host_ram(host: HostStatus) -> str:
+    """``3000/4000 MiB free`` of the host's RAM capacity, or ``not capped``."""
+    limit = host.capacity.get("ram")
+    if limit is None:
+        used = host.used.get("ram", 0.0)
+        return f"not capped ({used:.0f} MiB used)" if used else "not capped"
+    return f"{host.free.get('ram', limit):.0f}/{limit:.0f} MiB free"
+
+
+def _log(snap: RuntimeSnapshot) -> str:
+    """Where an instance's log is: its path, else on its host, else none (attached)."""
+    if snap.log_path:
+        return f"log: {snap.log_path}"
+    if snap.host != "local":
+        return f"log: on host {snap.host}"
+    return "attached: no process"
 
 
 def memory_text(memory: InstanceMemory | None) -> str:
@@ -487,15 +603,21 @@ def run_up(
     live: bool | None = None,
     refresh_s: float = 0.5,
     abort_on_failure: bool = False,
+    hosts: HostSource | None = None,
 ) -> int:
-    """Run every backend (or ``names``) until SIGINT or SIGTERM; 1 if any failed for good."""
+    """Run every backend (or ``names``) until SIGINT or SIGTERM; 1 if any failed for good.
+
+    The servers run on ``hosts`` when given (tests pass ``LocalHosts``), else on the
+    config's ``[hosts]`` when it has one, else here."""
     chosen = list(names) if names else list(config.backends)
     for name in chosen:
         config.backend(name)  # an unknown name fails before anything starts
     if live is None:
         live = out.isatty()
+    if hosts is None and config.hosts is not None:
+        hosts = config.hosts.ray_hosts()
     transitions = logging.getLogger("llama_actors.transitions")
-    with Runtime(state_dir=state_dir, capacity=config.capacity) as runtime:
+    with Runtime(state_dir=state_dir, capacity=config.capacity, hosts=hosts) as runtime:
         up = _Up(
             config,
             chosen,
@@ -514,8 +636,10 @@ def run_up(
         if live:
             out.write("\x1b[2J")
         else:
+            on = f" on {len(runtime.hosts())} host(s)" if up.hosted else ""
             up.say(
-                f"up: {len(chosen)} backend(s) from {config.source}; state in {runtime.state_dir}"
+                f"up: {len(chosen)} backend(s) from {config.source}{on}; "
+                f"state in {runtime.state_dir}"
             )
         try:
             with _stop_on_signals(up.stop, up.wake):
@@ -563,9 +687,16 @@ def describe_status(statuses: list[tuple[UpStatus, bool]], out: TextIO) -> int:
             out.write(f"  {line}\n")
         for line in render_memory(status.memory):
             out.write(f"  {line}\n")
+        for line in render_hosts(status.hosts):
+            out.write(f"  {line}\n")
         for row in status.backends:
             if row.base_url:
-                log = f"log {row.log_path}" if row.log_path else "attached: no log"
+                if row.log_path:
+                    log = f"log {row.log_path}"
+                elif row.host not in (None, "local"):
+                    log = f"log on host {row.host}"
+                else:
+                    log = "attached: no log"
                 out.write(f"  {row.name}: {row.base_url}  {log}\n")
             if row.error:
                 out.write(f"  {row.name}: {row.error}\n")
