@@ -10,13 +10,13 @@ one fresh host per host-loss round, and ``c`` for the CPU figure).
   ``Runtime(hosts=RayHosts(...))`` connect (one agent per host) is a figure of its own.
 - ``host_loss``: a fresh host per round (``cluster.add_host``), a new runtime with an
   agent there, one fake server pinned to it with a lease; after a random phase of the
-  head's checks (every 1 s, lost after 2 misses: the model is 2 to 3 s) the host is
+  head's checks (every 1 s, lost after 2 misses; the row names the model) the host is
   lost hard (``cluster.remove_host``: its raylet and its workers are killed). From just
   before the removal to ``lease_released`` with reason ``host lost`` (the receiver
   notes ``time.monotonic()``), next to Ray's own verdict in the same round:
   ``ray.nodes()`` polled every 0.1 s until the node is no longer ``Alive``. The next
   round waits for that verdict (until then Ray lists the node as alive, and a new
-  runtime's connect would start an agent there). 6 rounds (the fewest whose median
+  runtime's connect would try to start an agent there). 6 rounds (the fewest whose median
   has an interval), 1 with ``--quick``.
 - ``head_cpu``: 3 hosts with 20 fake servers each (3 each with ``--quick``) at a 1 s
   health interval, placed by ``spread``; the CPU time of this process (the head: its
@@ -82,10 +82,10 @@ def run(ctx: Context) -> list[Row]:
     return rows
 
 
-def _ray_runtime(cluster: Any, folder: Path, **options: Any) -> Runtime:
+def _ray_hosts(cluster: Any, folder: Path, **options: Any) -> Any:
     from llama_actors.ray import RayHosts
 
-    hosts = RayHosts(
+    return RayHosts(
         address=cluster.address,
         capacity=Capacity(),  # nothing capped: fake specs need no estimate
         state_dir=folder / "hosts",
@@ -93,7 +93,10 @@ def _ray_runtime(cluster: Any, folder: Path, **options: Any) -> Runtime:
         lost_after_misses=LOST_AFTER,
         **options,
     )
-    return Runtime(state_dir=folder / "head", hosts=hosts)
+
+
+def _ray_runtime(cluster: Any, folder: Path, **options: Any) -> Runtime:
+    return Runtime(state_dir=folder / "head", hosts=_ray_hosts(cluster, folder, **options))
 
 
 # -- cold start ---------------------------------------------------------------------------
@@ -200,6 +203,7 @@ def _host_loss(ctx: Context, folder: Path, cluster: Any) -> list[Row]:
     remove_ms: list[float] = []
     unjudged = 0
     reasons: Counter[str] = Counter()
+    check_timeout = CHECK_S  # a check counts as missed at the next one, unless told
     log(f"{NAME}: {rounds} hard host losses")
     for index in range(rounds):
         name = f"lost-{index}"
@@ -207,7 +211,9 @@ def _host_loss(ctx: Context, folder: Path, cluster: Any) -> list[Row]:
         joined = time.monotonic()
         cluster.add_host(name)
         node_id = cluster.nodes[name].node_id
-        runtime = _ray_runtime(cluster, base)
+        hosts = _ray_hosts(cluster, base)
+        check_timeout = getattr(hosts, "check_timeout_s", check_timeout)
+        runtime = Runtime(state_dir=base / "head", hosts=hosts)
         ended: _LeaseEnd | None = None
         try:
             log(f"{NAME}: host {name} joined and connected in {time.monotonic() - joined:.1f}s")
@@ -248,13 +254,15 @@ def _host_loss(ctx: Context, folder: Path, cluster: Any) -> list[Row]:
     paired = ("Ray's node-death verdict", ray_ms) if len(ray_ms) == len(lost_ms) else None
     how = ", ".join(f"{n}x {why}" for why, n in reasons.most_common()) or "no reason seen"
     mean = statistics.fmean(lost_ms)
+    # The model: the first check after the loss goes out within one interval; each
+    # check unanswered within its timeout is a miss, the checks one interval apart.
+    low = (LOST_AFTER - 1) * CHECK_S + check_timeout
     rows = [
         row(
             NAME,
             f"host lost (raylet killed) → its leases end (lease_released, host lost; checks "
             f"every {CHECK_S:g} s, lost after {LOST_AFTER} misses: the model is "
-            f"{LOST_AFTER * CHECK_S:g} to {(LOST_AFTER + 1) * CHECK_S:g} s; mean {mean:.0f} ms; "
-            f"{how})",
+            f"{low:g} to {low + CHECK_S:g} s; mean {mean:.0f} ms; {how})",
             "ms",
             lost_ms,
             baseline=paired,
