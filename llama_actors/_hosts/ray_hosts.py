@@ -13,9 +13,12 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from llama_actors._exceptions import HostError, RayUnavailableError, UsageError
 from llama_actors._hosts.agent import HostAgent
@@ -139,12 +142,25 @@ class RayHosts:
     def lost_after_misses(self) -> int:
         return self._lost_after
 
+    @property
+    def check_timeout_s(self) -> float:
+        """How long a check may take before it counts as missed: half an interval."""
+        return self.check_interval_s / 2
+
     def connect(self, timeout_s: float) -> list[tuple[AgentHandle, HostInfo]]:
         """Connect to Ray (unless this process is already), start an agent on each
         host and wait up to ``timeout_s`` for each to say what its host is."""
         ray = _ray()
         if not ray.is_initialized():
-            ray.init(address=self.address, **self.init)
+            try:
+                ray.init(address=self.address, **self.init)
+            except Exception as exc:
+                raise HostError(
+                    f"cannot connect to the Ray cluster at address={self.address!r} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    "check the head is up (`ray status` on it) and the address, or pass "
+                    "address=None to start a local cluster"
+                ) from exc
             self._started_ray = True
         nodes = [
             n
@@ -184,18 +200,27 @@ class RayHosts:
             agent = RayAgent(actor, host_id)
             self._agents.append(agent)
             pending.append((agent, actor.hello.remote()))
-        try:
-            infos = ray.get([ref for _agent, ref in pending], timeout=timeout_s)
-        except Exception as exc:
-            self.close()
-            raise HostError(
-                f"the host agents did not start within {timeout_s:g}s ({type(exc).__name__}: "
-                f"{exc}); check `ray status` and each host's log under /tmp/ray"
-            ) from exc
         joined: list[tuple[AgentHandle, HostInfo]] = []
-        for (agent, _ref), info in zip(pending, infos, strict=True):
+        problems: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        for agent, ref in pending:
+            try:
+                info = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as exc:
+                # A node Ray still lists may be gone (its verdict takes ~14 s): skip it.
+                problems.append(f"{agent.host_id}: {type(exc).__name__}: {exc}".split("\n")[0])
+                log.warning("host %s: its agent did not start: %s", agent.host_id, exc)
+                agent.kill()
+                self._agents.remove(agent)
+                continue
             joined.append((agent, info))
             log.info("host %s: agent pid %s at %s", info.host_id, info.agent_pid, info.address)
+        if not joined:
+            self.close()
+            raise HostError(
+                f"no host agent started within {timeout_s:g}s ({'; '.join(problems)}); check "
+                "`ray status` and each host's log under /tmp/ray/session_latest/logs"
+            )
         return joined
 
     def close(self) -> None:
@@ -214,8 +239,7 @@ class RayHosts:
             _ray().shutdown()
 
     def _capacity_of(self, host_id: str) -> Capacity | None:
-        if isinstance(self.capacity, Capacity):
-            return self.capacity
-        if isinstance(self.capacity, Mapping):
-            return self.capacity.get(host_id)
-        return None
+        capacity = self.capacity
+        if isinstance(capacity, Mapping):
+            capacity = capacity.get(host_id)
+        return msgspec.structs.replace(capacity, host=host_id) if capacity is not None else None

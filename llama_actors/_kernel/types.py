@@ -151,7 +151,9 @@ class RuntimeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     the last reading of the server's slots and metrics (None when it offers none, or
     before the first reading). ``memory`` holds its estimate and measured memory.
     ``metadata`` is the spec's own ``metadata``. ``host`` names the host it runs on
-    (``local`` without hosts); ``pid`` and ``log_path`` are that host's.
+    (``local`` without hosts); ``pid`` is that host's, and a hosted instance's log is
+    on its host (under the host's state folder, ``logs/ID@HOST.log``), so ``log_path``
+    is None.
     """
 
     instance_id: str

@@ -129,10 +129,11 @@ def on_done(
 
 class HostMonitor(RuntimeActor):
     """One per host: checks its agent every ``interval_s`` (a check not answered
-    within one interval, or failed, is a miss; ``misses`` in a row and the host is
-    lost) and keeps one long poll for the agent's events open, handing them to the
-    supervisor as they come. A lost host's agent is killed, so a host that was only
-    cut off does not keep servers the head has written off."""
+    within ``timeout_s``, half an interval by default, or failed, is a miss;
+    ``misses`` in a row and the host is lost) and keeps one long poll for the
+    agent's events open, handing them to the supervisor as they come. A lost host's
+    agent is killed, so a host that was only cut off does not keep servers the head
+    has written off."""
 
     def __init__(
         self,
@@ -142,11 +143,14 @@ class HostMonitor(RuntimeActor):
         interval_s: float,
         misses: int,
         context: Context,
+        timeout_s: float | None = None,
     ) -> None:
         super().__init__(context=context)
         self.host_id = host_id
         self.agent = agent
         self.interval_s = interval_s
+        #: How long a check may take before it counts as missed.
+        self.timeout_s = min(interval_s, timeout_s if timeout_s is not None else interval_s / 2)
         self.misses_allowed = misses
         self.misses = 0
         self.lost = False
@@ -179,6 +183,10 @@ class HostMonitor(RuntimeActor):
             case HostCheckDue(token=token, kind="poll"):
                 if token == self._poll_token and not self.lost:
                     self._poll()
+            case HostCheckDue(token=token, kind="deadline"):
+                if self._pending.get(token) is False and not self.lost:
+                    self._pending[token] = True
+                    self._miss(f"no answer to a check within {self.timeout_s:g}s")
             case AgentAnswered(call="ping", token=token, error=error):
                 self._pong(token, error)
             case AgentAnswered(call="events", token=token, value=value, error=error):
@@ -188,15 +196,10 @@ class HostMonitor(RuntimeActor):
                 log.warning("host %s: unexpected %r", self.host_id, message)
 
     def _check(self) -> None:
-        # A ping still unanswered after a whole interval is a miss (once).
-        for token, counted in list(self._pending.items()):
-            if not counted:
-                self._pending[token] = True
-                self._miss(f"no answer to a check within {self.interval_s:g}s")
-        if self.lost:
-            return
         self._ping_token += 1
         self._pending[self._ping_token] = False
+        deadline = HostCheckDue(token=self._ping_token, kind="deadline")
+        tell_later(self.ctx.timers, self.timeout_s, self.actor_ref, deadline)
         try:
             future = self.agent.call("ping")
         except Exception as exc:

@@ -446,8 +446,8 @@ class AgentAnswered(Message, frozen=True, tag=True, kw_only=True):
 
 
 class HostCheckDue(Message, frozen=True, tag=True, kw_only=True):
-    """Time for a host's next check (``kind="check"``) or, after a failed events
-    poll, its next poll (``kind="poll"``)."""
+    """Time for a host's next check (``kind="check"``), for the answer to check
+    ``token`` (``deadline``) or, after a failed events poll, its next poll (``poll``)."""
 
     token: int
-    kind: Literal["check", "poll"] = "check"
+    kind: Literal["check", "deadline", "poll"] = "check"

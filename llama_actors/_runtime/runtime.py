@@ -103,6 +103,8 @@ class Runtime:
         check_ttl(lease_ttl_ms)
         _check_capacity(capacity)
         _check_hosts(hosts)
+        # First, so a host source that fails leaves nothing of this runtime running.
+        joined = hosts.connect(connect_timeout) if hosts is not None else []
         self.policy = policy or InstancePolicy()
         self.lease_ttl_ms = lease_ttl_ms
         self.ask_timeout = ask_timeout
@@ -124,7 +126,6 @@ class Runtime:
             gpus=_gpus(capacity),
         )
         self._hosts = hosts
-        joined = hosts.connect(connect_timeout) if hosts is not None else []
         if hosts is not None:
             self._ctx.hosted = True
             self._ctx.host_capacity = {info.host_id: info.capacity for _a, info in joined}
@@ -140,6 +141,7 @@ class Runtime:
                 agent=agent,
                 interval_s=hosts.check_interval_s if hosts is not None else 1.0,
                 misses=hosts.lost_after_misses if hosts is not None else 2,
+                timeout_s=getattr(hosts, "check_timeout_s", None),
                 context=self._ctx,
             )
             for agent, info in joined

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from llama_actors._exceptions import UsageError
 from llama_actors._hosts.agent import HostAgent
 from llama_actors._kernel.memory import Capacity
@@ -106,6 +108,11 @@ class LocalHosts:
     def lost_after_misses(self) -> int:
         return self._lost_after
 
+    @property
+    def check_timeout_s(self) -> float:
+        """How long a check may take before it counts as missed: half an interval."""
+        return self.check_interval_s / 2
+
     def connect(self, timeout_s: float) -> list[tuple[AgentHandle, HostInfo]]:
         joined: list[tuple[AgentHandle, HostInfo]] = []
         for name, labels in self.labels.items():
@@ -136,11 +143,10 @@ class LocalHosts:
             handle.shutdown()
 
     def _capacity_of(self, name: str) -> Capacity:
-        if isinstance(self.capacity, Capacity):
-            return self.capacity
-        if isinstance(self.capacity, Mapping) and name in self.capacity:
-            return self.capacity[name]
-        return Capacity(gpus=(), host=name)
+        capacity = self.capacity
+        if isinstance(capacity, Mapping):
+            capacity = capacity.get(name)
+        return msgspec.structs.replace(capacity or Capacity(gpus=()), host=name)
 
 
 def handle_instances(agent: HostAgent) -> list[Any]:
