@@ -24,7 +24,7 @@ from llama_actors._exceptions import HostError, RayUnavailableError, UsageError
 from llama_actors._hosts.agent import HostAgent
 from llama_actors._kernel.memory import Capacity
 from llama_actors._kernel.placement import PlacementPolicy
-from llama_actors._runtime.hosts import AgentHandle, HostInfo
+from llama_actors._runtime.hosts import AgentHandle, HostInfo, HostRules
 
 __all__ = ["RayAgent", "RayHosts"]
 
@@ -68,7 +68,7 @@ class RayAgent:
             log.debug("host %s: killing its agent: %r", self._host_id, exc)
 
 
-class RayHosts:
+class RayHosts(HostRules):
     """The hosts of a Ray cluster, for ``Runtime(hosts=RayHosts(...))``.
 
     ``address`` is given to ``ray.init`` when this process is not connected yet
@@ -97,29 +97,17 @@ class RayHosts:
         resource: str = "llama_host",
         init: Mapping[str, Any] | None = None,
     ) -> None:
-        if placement not in ("spread", "pack"):
-            raise UsageError(f"placement must be 'spread' or 'pack' (got {placement!r})")
-        if isinstance(check_interval_ms, bool) or not isinstance(check_interval_ms, int):
-            raise UsageError(f"check_interval_ms must be an int (got {check_interval_ms!r})")
-        if check_interval_ms < 100:
-            raise UsageError(
-                f"check_interval_ms={check_interval_ms}: check hosts at most every 100 ms"
-            )
-        if (
-            isinstance(lost_after_misses, bool)
-            or not isinstance(lost_after_misses, int)
-            or lost_after_misses < 1
-        ):
-            raise UsageError(f"lost_after_misses must be an int >= 1 (got {lost_after_misses!r})")
+        super().__init__(
+            placement=placement,
+            check_interval_ms=check_interval_ms,
+            lost_after_misses=lost_after_misses,
+        )
         if capacity is not None and not isinstance(capacity, Capacity | Mapping):
             raise UsageError(
                 "capacity must be a Capacity, or a mapping of host id to Capacity "
                 f"(got {capacity!r})"
             )
         self.address = address
-        self._placement: PlacementPolicy = placement
-        self.check_interval_ms = check_interval_ms
-        self._lost_after = lost_after_misses
         self.capacity = capacity
         self.state_dir = str(state_dir) if state_dir is not None else None
         self.resource = resource
@@ -128,24 +116,7 @@ class RayHosts:
         self._started_ray = False
 
     def __repr__(self) -> str:
-        return f"RayHosts(address={self.address!r}, placement={self._placement!r})"
-
-    @property
-    def placement(self) -> PlacementPolicy:
-        return self._placement
-
-    @property
-    def check_interval_s(self) -> float:
-        return self.check_interval_ms / 1000.0
-
-    @property
-    def lost_after_misses(self) -> int:
-        return self._lost_after
-
-    @property
-    def check_timeout_s(self) -> float:
-        """How long a check may take before it counts as missed: half an interval."""
-        return self.check_interval_s / 2
+        return f"RayHosts(address={self.address!r}, placement={self.placement!r})"
 
     def connect(self, timeout_s: float) -> list[tuple[AgentHandle, HostInfo]]:
         """Connect to Ray (unless this process is already), start an agent on each

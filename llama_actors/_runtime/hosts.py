@@ -22,7 +22,12 @@ from typing import Any, Protocol, runtime_checkable
 import pykka
 
 from llama_actors._base.clock import TimerHandle
-from llama_actors._exceptions import HostLostError, InstanceFailedError, LlamaActorsError
+from llama_actors._exceptions import (
+    HostLostError,
+    InstanceFailedError,
+    LlamaActorsError,
+    UsageError,
+)
 from llama_actors._kernel.backend import BackendSpec
 from llama_actors._kernel.health import HealthCause
 from llama_actors._kernel.memory import Capacity, MemoryNeed
@@ -60,6 +65,7 @@ __all__ = [
     "AgentHandle",
     "HostInfo",
     "HostMonitor",
+    "HostRules",
     "HostSource",
     "HostedInstance",
     "on_done",
@@ -106,8 +112,59 @@ class HostSource(Protocol):
     def check_interval_s(self) -> float: ...
     @property
     def lost_after_misses(self) -> int: ...
+    @property
+    def check_timeout_s(self) -> float: ...
     def connect(self, timeout_s: float) -> list[tuple[AgentHandle, HostInfo]]: ...
     def close(self) -> None: ...
+
+
+class HostRules:
+    """The head's rules for its hosts, shared by every host source: ``placement``
+    (``spread`` or ``pack``), a check of each agent every ``check_interval_ms`` that
+    counts as missed after half an interval (``check_timeout_s``), and
+    ``lost_after_misses`` misses in a row before a host is lost."""
+
+    def __init__(
+        self,
+        *,
+        placement: PlacementPolicy = "spread",
+        check_interval_ms: int = 1000,
+        lost_after_misses: int = 2,
+    ) -> None:
+        if placement not in ("spread", "pack"):
+            raise UsageError(f"placement must be 'spread' or 'pack' (got {placement!r})")
+        if isinstance(check_interval_ms, bool) or not isinstance(check_interval_ms, int):
+            raise UsageError(f"check_interval_ms must be an int (got {check_interval_ms!r})")
+        if check_interval_ms < 100:
+            raise UsageError(
+                f"check_interval_ms={check_interval_ms}: check hosts at most every 100 ms"
+            )
+        if (
+            isinstance(lost_after_misses, bool)
+            or not isinstance(lost_after_misses, int)
+            or lost_after_misses < 1
+        ):
+            raise UsageError(f"lost_after_misses must be an int >= 1 (got {lost_after_misses!r})")
+        self._placement: PlacementPolicy = placement
+        self.check_interval_ms = check_interval_ms
+        self._lost_after = lost_after_misses
+
+    @property
+    def placement(self) -> PlacementPolicy:
+        return self._placement
+
+    @property
+    def check_interval_s(self) -> float:
+        return self.check_interval_ms / 1000.0
+
+    @property
+    def lost_after_misses(self) -> int:
+        return self._lost_after
+
+    @property
+    def check_timeout_s(self) -> float:
+        """How long a check may take before it counts as missed: half an interval."""
+        return self.check_interval_s / 2
 
 
 def on_done(

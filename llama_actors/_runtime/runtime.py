@@ -141,7 +141,7 @@ class Runtime:
                 agent=agent,
                 interval_s=hosts.check_interval_s if hosts is not None else 1.0,
                 misses=hosts.lost_after_misses if hosts is not None else 2,
-                timeout_s=getattr(hosts, "check_timeout_s", None),
+                timeout_s=hosts.check_timeout_s if hosts is not None else None,
                 context=self._ctx,
             )
             for agent, info in joined

@@ -22,7 +22,7 @@ from llama_actors._exceptions import UsageError
 from llama_actors._hosts.agent import HostAgent
 from llama_actors._kernel.memory import Capacity
 from llama_actors._kernel.placement import PlacementPolicy
-from llama_actors._runtime.hosts import AgentHandle, HostInfo
+from llama_actors._runtime.hosts import AgentHandle, HostInfo, HostRules
 
 __all__ = ["LocalAgent", "LocalHosts"]
 
@@ -68,7 +68,7 @@ class LocalAgent:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class LocalHosts:
+class LocalHosts(HostRules):
     """Hosts ``name -> labels`` run in this process; see the module docstring.
 
     ``capacity`` is what every host may hold (or one per host name; default: RAM not
@@ -86,32 +86,17 @@ class LocalHosts:
         check_interval_ms: int = 1000,
         lost_after_misses: int = 2,
     ) -> None:
+        super().__init__(
+            placement=placement,
+            check_interval_ms=check_interval_ms,
+            lost_after_misses=lost_after_misses,
+        )
         if not hosts:
             raise UsageError("LocalHosts needs at least one host, such as {'a': {}}")
         self.labels = {name: dict(labels) for name, labels in hosts.items()}
         self.state_dir = Path(state_dir)
         self.capacity = capacity
-        self._placement: PlacementPolicy = placement
-        self.check_interval_ms = check_interval_ms
-        self._lost_after = lost_after_misses
         self.agents: dict[str, LocalAgent] = {}
-
-    @property
-    def placement(self) -> PlacementPolicy:
-        return self._placement
-
-    @property
-    def check_interval_s(self) -> float:
-        return self.check_interval_ms / 1000.0
-
-    @property
-    def lost_after_misses(self) -> int:
-        return self._lost_after
-
-    @property
-    def check_timeout_s(self) -> float:
-        """How long a check may take before it counts as missed: half an interval."""
-        return self.check_interval_s / 2
 
     def connect(self, timeout_s: float) -> list[tuple[AgentHandle, HostInfo]]:
         joined: list[tuple[AgentHandle, HostInfo]] = []
