@@ -28,9 +28,12 @@ one fresh host per host-loss round, and ``c`` for the CPU figure).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
 import random
+import select
 import statistics
 import threading
 import time
@@ -180,6 +183,30 @@ class _LeaseEnd:
         self.done.set()
 
 
+class _Exit:
+    """When a process (the host's agent: Ray's, not ours) ends, seen on a pidfd by a
+    thread of its own; the pidfd is opened before the loss, so its pid cannot be reused."""
+
+    def __init__(self, pid: int) -> None:
+        self.fd = os.pidfd_open(pid)
+        self.at: float | None = None
+        self.thread = threading.Thread(target=self._wait, name="bench-agent-exit", daemon=True)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        try:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if poller.poll(LOSS_DEADLINE_S * 1000):
+                self.at = time.monotonic()
+        finally:
+            os.close(self.fd)
+
+    def result(self, timeout: float) -> float | None:
+        self.thread.join(timeout)
+        return self.at
+
+
 def _ray_verdict(ray: Any, node_id: str, started: float, deadline: float) -> float | None:
     """Seconds from ``started`` until Ray's node table says ``node_id`` is not alive
     (read every :data:`RAY_POLL_S`); None if it still is at ``deadline``."""
@@ -201,6 +228,7 @@ def _host_loss(ctx: Context, folder: Path, cluster: Any) -> list[Row]:
     lost_ms: list[float] = []
     ray_ms: list[float] = []
     remove_ms: list[float] = []
+    exit_ms: list[float] = []
     unjudged = 0
     reasons: Counter[str] = Counter()
     check_timeout = CHECK_S  # a check counts as missed at the next one, unless told
@@ -223,6 +251,11 @@ def _host_loss(ctx: Context, folder: Path, cluster: Any) -> list[Row]:
             )
             ended = _LeaseEnd(resolution.instance.instance_id)
             lease_released.connect(ended, weak=False)
+            pid = next(h.agent_pid for h in runtime.hosts() if h.host_id == name)
+            agent_exit = None
+            if pid is not None:
+                with contextlib.suppress(OSError):  # no pidfds here: no exit figure
+                    agent_exit = _Exit(pid)
             time.sleep(phase.uniform(0, CHECK_S))  # a random phase of the head's checks
             started = time.monotonic()
             cluster.remove_host(name)  # kills its raylet (and so its workers) hard
@@ -236,6 +269,9 @@ def _host_loss(ctx: Context, folder: Path, cluster: Any) -> list[Row]:
             if ended.reason != "host lost":
                 raise RuntimeError(f"host {name}: its lease ended with {ended.reason!r}")
             lost_ms.append((ended.at - started) * 1000)
+            exited = agent_exit.result(LOSS_DEADLINE_S) if agent_exit is not None else None
+            if exited is not None:
+                exit_ms.append((exited - started) * 1000)
             if verdict is None:
                 unjudged += 1  # Ray had not said so yet: no paired figure this round
             else:
@@ -285,6 +321,16 @@ def _host_loss(ctx: Context, folder: Path, cluster: Any) -> list[Row]:
     rows.append(
         row(NAME, "cluster.remove_host (kill the node's processes and reap them)", "ms", remove_ms)
     )
+    if exit_ms:
+        rows.append(
+            row(
+                NAME,
+                "host lost → its agent's process ends (seen on a pidfd; a Ray worker outlives its "
+                "raylet a while)",
+                "ms",
+                exit_ms,
+            )
+        )
     return rows
 
 
