@@ -139,6 +139,7 @@ class RayHosts(HostRules):
             if n.get("Alive") and n.get("Resources", {}).get(self.resource, 0) >= 1
         ]
         if not nodes:
+            self.close()
             raise HostError(
                 f"no alive Ray node offers the resource {self.resource!r}, so there is no "
                 "host to run servers on; start each host with "
@@ -148,12 +149,21 @@ class RayHosts(HostRules):
 
         remote = ray.remote(HostAgent)
         pending = []
+        named: dict[str, str] = {}
         for node in nodes:
             node_id = node["NodeID"]
             labels = {
                 k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")
             }
             host_id = labels.get("host") or f"host-{node_id[:8]}"
+            if host_id in named:
+                self.close()
+                raise HostError(
+                    f"two Ray nodes ({named[host_id][:12]} and {node_id[:12]}) have the label "
+                    f"host={host_id}; give each host its own (ray start --labels host=NAME)",
+                    host_id=host_id,
+                )
+            named[host_id] = node_id
             actor = remote.options(
                 num_cpus=0,
                 resources={self.resource: 1},
@@ -189,8 +199,10 @@ class RayHosts(HostRules):
         if not joined:
             self.close()
             raise HostError(
-                f"no host agent started within {timeout_s:g}s ({'; '.join(problems)}); check "
-                "`ray status` and each host's log under /tmp/ray/session_latest/logs"
+                f"no host agent started within {timeout_s:g}s ({'; '.join(problems)}); each "
+                f"host runs one agent (it holds the host's {self.resource!r} resource), so "
+                "another runtime connected to the same cluster keeps them busy until it "
+                "closes; else check `ray status` and the logs under /tmp/ray/session_latest/logs"
             )
         return joined
 

@@ -536,7 +536,8 @@ class HostedInstance(RuntimeActor):
         self.ctx.board.failed(self.instance_id, last_error=reason)
         emit(instance_failed, self.instance_id, reason=reason, exit=None)
         error = HostLostError(
-            f"instance {self.instance_id}: {reason}; a new resolve places it on another host",
+            f"instance {self.instance_id}: {reason}; a new resolve places its spec on "
+            "another host that may run it",
             instance_id=self.instance_id,
             host_id=self.host_id,
         )

@@ -105,6 +105,14 @@ class Runtime:
         _check_hosts(hosts)
         # First, so a host source that fails leaves nothing of this runtime running.
         joined = hosts.connect(connect_timeout) if hosts is not None else []
+        capped = any(info.capacity.limits() for _agent, info in joined)
+        if hosts is not None and capped and importlib.util.find_spec("gguf") is None:
+            hosts.close()
+            raise UsageError(
+                "these hosts cap their memory, so the head estimates each llama.cpp instance "
+                "from its GGUF header, which needs the gguf package here: pip install "
+                "'llama-actors[memory]' (or cap nothing: RayHosts(capacity=Capacity()))"
+            )
         self.policy = policy or InstancePolicy()
         self.lease_ttl_ms = lease_ttl_ms
         self.ask_timeout = ask_timeout
