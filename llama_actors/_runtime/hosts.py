@@ -186,11 +186,11 @@ def on_done(
 
 class HostMonitor(RuntimeActor):
     """One per host: checks its agent every ``interval_s`` (a check not answered
-    within ``timeout_s``, half an interval by default, or failed, is a miss;
-    ``misses`` in a row and the host is lost) and keeps one long poll for the
-    agent's events open, handing them to the supervisor as they come. A lost host's
-    agent is killed, so a host that was only cut off does not keep servers the head
-    has written off."""
+    within ``timeout_s``, half an interval by default, or failed, is a miss, and is
+    followed by another check at once; ``misses`` in a row and the host is lost)
+    and keeps one long poll for the agent's events open, handing them to the
+    supervisor as they come. A lost host's agent is killed, so a host that was only
+    cut off does not keep servers the head has written off."""
 
     def __init__(
         self,
@@ -264,6 +264,8 @@ class HostMonitor(RuntimeActor):
         else:
             on_done(future, self.actor_ref, "ping", self._ping_token)
         self._check_token += 1
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = tell_later(
             self.ctx.timers, self.interval_s, self.actor_ref, HostCheckDue(token=self._check_token)
         )
@@ -296,6 +298,10 @@ class HostMonitor(RuntimeActor):
             )
             log.warning("host %s: %s", self.host_id, reason)
             tell(self.ctx.supervisor, HostLost(host_id=self.host_id, reason=reason))
+        elif not self.lost:
+            # After a miss, check again at once rather than at the next interval: a
+            # host that is gone is known sooner, one that only hiccupped answers.
+            self._check()
             self.agent.kill()
 
     def _poll(self) -> None:

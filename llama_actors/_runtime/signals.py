@@ -26,7 +26,7 @@ instance_evicted     ``reason``, ``held`` (its MemoryNeed), ``for_alias`` (the s
 lease_granted        ``lease``
 lease_renewed        ``lease``
 lease_released       ``lease``, ``reason`` (``released``, ``drained``,
-                     ``instance stopped``, ``instance failed``)
+                     ``instance stopped``, ``instance failed``, ``host lost``)
 lease_expired        ``lease``
 ===================  ==============================================================
 
