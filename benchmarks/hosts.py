@@ -291,8 +291,9 @@ def _host_loss(ctx: Context, folder: Path, cluster: Any) -> list[Row]:
     how = ", ".join(f"{n}x {why}" for why, n in reasons.most_common()) or "no reason seen"
     mean = statistics.fmean(lost_ms)
     # The model: the first check after the loss goes out within one interval; each
-    # check unanswered within its timeout is a miss, the checks one interval apart.
-    low = (LOST_AFTER - 1) * CHECK_S + check_timeout
+    # check unanswered within its timeout is a miss, and a miss is followed by the next
+    # check at once, so each further miss costs one timeout (a failed check, less).
+    low = LOST_AFTER * check_timeout
     rows = [
         row(
             NAME,
